@@ -1,0 +1,216 @@
+"""Download stage: ``python -m pipeline.download [--params params.yaml] [--out data/raw]``.
+
+Fetches the four Fashion-MNIST IDX files from ``download.sources`` (local folders
+and http(s) base URLs, tried in order per file), checks each file's *decompressed*
+sha256 and size, and moves it into ``--out`` only once verified. A source that
+fails is reported in one line and the next is tried; when every source fails for
+a file, the stage exits non-zero listing why each one failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from pipeline.data import FILES
+from pipeline.errors import DownloadError, cli
+from pipeline.params import load_params
+
+CHUNK = 1 << 16
+
+
+class SourceError(Exception):
+    """One source could not provide one file; the message says why, in a few words."""
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+@contextmanager
+def open_source(source: str, name: str, timeout: float) -> Iterator[tuple[BinaryIO, bool, int | None, str]]:
+    """Open ``name`` at ``source``: yields (stream, gzipped, size if known, location)."""
+    if is_url(source):
+        url = source.rstrip("/") + f"/{name}.gz"
+        req = urllib.request.Request(url, headers={"User-Agent": "fashion-mnist-pipeline"})
+        try:
+            resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked above
+        except urllib.error.HTTPError as e:
+            raise SourceError(f"HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise SourceError(_reason(e.reason)) from None
+        except (TimeoutError, socket.timeout):
+            raise SourceError(f"timed out after {timeout:g}s") from None
+        except (OSError, ValueError) as e:
+            raise SourceError(_reason(e)) from None
+        with resp:
+            length = resp.headers.get("Content-Length")
+            yield resp, True, int(length) if length and length.isdigit() else None, url
+        return
+    folder = Path(source.removeprefix("file://"))
+    if not folder.is_dir():
+        raise SourceError("directory not found")
+    for candidate, gz in ((folder / f"{name}.gz", True), (folder / name, False)):
+        if candidate.is_file():
+            with candidate.open("rb") as f:
+                yield f, gz, candidate.stat().st_size, str(candidate)
+            return
+    raise SourceError(f"neither {name}.gz nor {name} is there")
+
+
+def _reason(err: object) -> str:
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror.lower()
+    return str(err) or type(err).__name__
+
+
+def copy_verified(
+    stream: BinaryIO, gzipped: bool, dest: BinaryIO, sha256: str, size: int, progress: tqdm | None = None
+) -> None:
+    """Decompress ``stream`` into ``dest`` while checking the decompressed sha256 and size.
+
+    Raises:
+        SourceError: corrupt or truncated gzip, wrong size, or checksum mismatch.
+    """
+    digest, written = hashlib.sha256(), 0
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
+
+    def put(block: bytes) -> None:
+        nonlocal written
+        written += len(block)
+        if written > size:
+            raise SourceError(f"size mismatch: more than the expected {size} bytes")
+        digest.update(block)
+        dest.write(block)
+
+    while True:
+        try:
+            chunk = stream.read(CHUNK)
+        except (TimeoutError, socket.timeout):
+            raise SourceError("timed out while reading") from None
+        except OSError as e:
+            raise SourceError(f"read failed: {_reason(e)}") from None
+        if not chunk:
+            break
+        if progress is not None:
+            progress.update(len(chunk))
+        if inflate is None:
+            put(chunk)
+            continue
+        try:
+            put(inflate.decompress(chunk))
+        except zlib.error as e:
+            raise SourceError(f"corrupt gzip ({e})") from None
+        if inflate.eof and inflate.unused_data:
+            raise SourceError("corrupt gzip (data after the end of the stream)")
+    if inflate is not None:
+        if not inflate.eof:
+            raise SourceError("truncated gzip (stream ended early)")
+    if written != size:
+        raise SourceError(f"size mismatch: {written} bytes, expected {size}")
+    if digest.hexdigest() != sha256:
+        raise SourceError(f"checksum mismatch: sha256 {digest.hexdigest()[:12]}…, expected {sha256[:12]}…")
+
+
+def file_is_verified(path: Path, sha256: str, size: int) -> bool:
+    """True when ``path`` exists with exactly the expected size and sha256."""
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest() == sha256
+
+
+def fetch_file(name: str, sources: Iterable[str], out_dir: Path, tmp_dir: Path, timeout: float) -> list[str]:
+    """Put a verified ``out_dir/name`` in place from the first source that works.
+
+    Returns the failure reasons of the sources tried before it; raises DownloadError with
+    one line per source when none works.
+    """
+    sha256, size = FILES[name]
+    failures: list[str] = []
+    for source in sources:
+        tmp = tmp_dir / name
+        try:
+            with open_source(source, name, timeout) as (stream, gzipped, length, where):
+                bar = tqdm(
+                    total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=None if is_url(source) else True
+                )
+                with bar, tmp.open("wb") as dest:
+                    copy_verified(stream, gzipped, dest, sha256, size, bar)
+                    dest.flush()
+                    os.fsync(dest.fileno())
+        except SourceError as e:
+            tmp.unlink(missing_ok=True)
+            failures.append(f"{source}: {e}")
+            print(f"download: {name} from {source} failed: {e}; trying the next source", file=sys.stderr, flush=True)
+            continue
+        os.replace(tmp, out_dir / name)
+        print(f"download: {name} from {where}: {size} bytes, sha256 verified", flush=True)
+        return failures
+    raise DownloadError(f"no source provided {name}:\n" + "\n".join(f"  {f}" for f in failures))
+
+
+def download_all(sources: Iterable[str], out_dir: str | Path, timeout: float) -> None:
+    """Fetch every missing or unverified Fashion-MNIST file into ``out_dir``.
+
+    Verified files already there are kept. Nothing unverified ever appears in ``out_dir``:
+    files are written in a temporary folder beside it and renamed in once checked.
+    """
+    out_dir, sources = Path(out_dir), list(sources)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=out_dir.parent))
+    errors = []
+    try:
+        for name, (sha256, size) in FILES.items():
+            if file_is_verified(out_dir / name, sha256, size):
+                print(f"download: {name} already present and verified", flush=True)
+                continue
+            (out_dir / name).unlink(missing_ok=True)
+            try:
+                fetch_file(name, sources, out_dir, tmp_dir, timeout)
+            except DownloadError as e:
+                errors.append(str(e))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    if errors:
+        raise DownloadError("\n".join(errors) + "\nadd a working source to download.sources in params.yaml")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Fetch and verify the Fashion-MNIST IDX files.")
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--out", default="data/raw", help="folder for the verified IDX files (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    download_all(params.download.sources, args.out, params.download.timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

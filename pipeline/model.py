@@ -1,0 +1,161 @@
+"""Models by name, and the model artifact: safetensors weights + an architecture JSON.
+
+The artifact is enough to rebuild the model: evaluate and any other consumer call
+:func:`load_artifact` and never read params.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.data import CLASSES
+from pipeline.errors import ModelArtifactError
+
+ARTIFACT_FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; saved beside its weights."""
+
+    name: str = "tutorial_cnn"
+    in_channels: int = 1
+    image_size: int = 28
+    num_classes: int = len(CLASSES)
+    # Fashion-MNIST training-set pixel statistics, for inputs scaled to [0, 1]
+    mean: float = 0.2860
+    std: float = 0.3530
+
+
+class TutorialCNN(nn.Module):
+    """The seed tutorial's CNN, with the flatten size computed instead of hard-coded.
+
+    The tutorial wrote ``x.view(-1, 32 * 5 * 5)``, but 28x28 input leaves a 32x2x2 map
+    (28 -> 26 -> 24 -> 12 -> 8 -> 4 -> 2), so it crashed.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(cfg.mean), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std), persistent=False)
+        self.features = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, 16, 3), nn.ReLU(),
+            nn.Conv2d(16, 16, 3), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5), nn.ReLU(),
+            nn.Conv2d(32, 32, 5), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.flat_features = flat_size(self.features, cfg.in_channels, cfg.image_size)
+        self.classifier = nn.Sequential(
+            nn.Linear(self.flat_features, 256), nn.ReLU(),
+            nn.Linear(256, 128), nn.ReLU(),
+            nn.Linear(128, cfg.num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std  # (B, C, H, W) in [0, 1] -> standardised
+        x = self.features(x)  # (B, 32, 2, 2) for 28x28 input
+        return self.classifier(x.flatten(1))  # (B, num_classes) logits
+
+
+def flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
+    """Number of features ``features`` produces for one image, found by a forward pass on zeros."""
+    with torch.no_grad():
+        return int(features(torch.zeros(1, in_channels, image_size, image_size)).numel())
+
+
+MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"tutorial_cnn": TutorialCNN}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Instantiate the model ``cfg.name`` names."""
+    try:
+        return MODELS[cfg.name](cfg)
+    except KeyError:
+        raise ModelArtifactError(f"unknown model {cfg.name!r}; known: {', '.join(MODELS)}") from None
+
+
+def _atomic_dir(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def save_artifact(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, extra: dict | None = None) -> None:
+    """Write ``model.safetensors`` and ``model.json`` into ``out_dir``, replacing it atomically.
+
+    ``model`` must already be unwrapped (no ``module.`` or ``_orig_mod.`` prefixes).
+    """
+    out_dir = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k in state if k.startswith(("module.", "_orig_mod."))]
+    assert not bad, f"wrapped model passed to save_artifact: {bad[:3]}"
+    tmp = _atomic_dir(out_dir)
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": str(ARTIFACT_FORMAT)})
+        meta = {"format": ARTIFACT_FORMAT, "model": dataclasses.asdict(cfg), "classes": list(CLASSES)}
+        meta.update(extra or {})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """Read and check the architecture JSON of an artifact."""
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelArtifactError(f"model config {path} is missing; run `dvc repro train`") from None
+    except json.JSONDecodeError as e:
+        raise ModelArtifactError(f"model config {path} is not valid JSON ({e}); run `dvc repro train`") from None
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("model"), dict):
+        raise ModelArtifactError(f"{path} is not a format-{ARTIFACT_FORMAT} model artifact; run `dvc repro train`")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(meta["model"]) - known
+    if unknown:
+        raise ModelArtifactError(f"{path} has unknown model fields {sorted(unknown)}; it was written by a newer version")
+    cfg = ModelConfig(**meta["model"])
+    if cfg.name not in MODELS:
+        raise ModelArtifactError(f"{path} names model {cfg.name!r}, which this version does not know ({', '.join(MODELS)})")
+    return cfg
+
+
+def load_artifact(model_dir: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """Rebuild the model from ``model_dir`` alone (no pickle: safetensors + JSON)."""
+    cfg = load_config(model_dir)
+    path = Path(model_dir) / WEIGHTS_FILE
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise ModelArtifactError(f"model weights {path} are missing; run `dvc repro train`") from None
+    except (SafetensorError, OSError) as e:
+        raise ModelArtifactError(f"model weights {path} are unreadable ({e}); run `dvc repro train`") from None
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ModelArtifactError(f"{path} does not fit model {cfg.name!r}: {first}") from None
+    return model, cfg

@@ -1,0 +1,221 @@
+"""The one typed loader for params.yaml.
+
+Usage: ``params = load_params("params.yaml")``; then ``params.train.lr`` etc.
+
+Every section becomes a frozen dataclass. An unknown key, a wrong type or an
+out-of-range value raises :class:`ParamsError` naming the key and what is
+allowed. Nothing else in the project reads params.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ParamsError
+
+MODEL_NAMES = ("tutorial_cnn",)
+SCHEDULES = ("onecycle", "constant")
+DEFAULT_SOURCES = (
+    "/usr/share/datasets/fashion-mnist",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    subset: int = 0  # 0 = all; N = first N samples of each split (smoke runs)
+    val_size: int = 6000  # samples carved from the training set for validation
+    split_seed: int = 0  # seeds which training samples go to validation
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    sources: tuple[str, ...] = DEFAULT_SOURCES  # tried in order, per file
+    timeout: float = 30.0  # seconds without network progress before a source fails
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = "tutorial_cnn"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 10
+    batch_size: int = 128  # global batch, split evenly across processes
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+    schedule: str = "onecycle"
+    hflip: bool = True  # random horizontal flip of training images
+    seed: int = 42  # weights init, data order and augmentation
+    eval_batch_size: int = 1000  # validation batch per process; no effect on results
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 1000  # per process; no effect on results
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    download: DownloadParams = field(default_factory=DownloadParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``3e-3`` as a float, as YAML 1.2 (and DVC's ``-S``) do."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` coerced to ``annotation`` or raise a ParamsError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(annotation)
+        if not isinstance(value, list) or not value:
+            raise ParamsError(f"{key} must be a non-empty list, got {value!r}")
+        return tuple(_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported annotation {annotation!r} for {key}")  # pragma: no cover
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix} must be a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ParamsError(
+            f"unknown key {where}{unknown[0]}; allowed keys{' in ' + prefix if prefix else ''}: "
+            + ", ".join(sorted(fields))
+        )
+    values = {}
+    for name in fields:
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(typing.cast(type, hint), raw[name], key)
+        else:
+            values[name] = _check_type(key, raw[name], hint)
+    return cls(**values)
+
+
+def _check_ranges(p: Params) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ParamsError(msg)
+
+    need(p.data.subset >= 0, f"data.subset must be 0 (all) or a positive count, got {p.data.subset}")
+    need(p.data.val_size >= 1, f"data.val_size must be >= 1, got {p.data.val_size}")
+    need(p.download.timeout > 0, f"download.timeout must be > 0 seconds, got {p.download.timeout}")
+    need(
+        p.model.name in MODEL_NAMES,
+        f"model.name {p.model.name!r} is unknown; allowed: {', '.join(MODEL_NAMES)}",
+    )
+    need(p.train.epochs >= 1, f"train.epochs must be >= 1, got {p.train.epochs}")
+    need(p.train.batch_size >= 1, f"train.batch_size must be >= 1, got {p.train.batch_size}")
+    need(p.train.lr > 0, f"train.lr must be > 0, got {p.train.lr}")
+    need(p.train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {p.train.weight_decay}")
+    need(
+        p.train.schedule in SCHEDULES,
+        f"train.schedule {p.train.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}",
+    )
+    need(p.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {p.train.eval_batch_size}")
+    need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {p.evaluate.batch_size}")
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate an already-parsed params mapping and return typed :class:`Params`."""
+    params: Params = _build(Params, raw, "")
+    _check_ranges(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``path``.
+
+    Raises:
+        ParamsError: the file is missing, is not YAML, or holds a bad key or value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"params file {path} not found; run from the project root or pass --params") from None
+    try:
+        raw = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_params(raw)
+
+
+def as_dict(params: Any) -> dict[str, Any]:
+    """Plain nested dict of a params dataclass (tuples as lists), for logging and fingerprints."""
+    out = dataclasses.asdict(params)
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
+            return [fix(x) for x in v]
+        return v
+
+    return typing.cast(dict[str, Any], fix(out))
+
+
+__all__ = [
+    "DataParams",
+    "DownloadParams",
+    "EvaluateParams",
+    "ModelParams",
+    "Params",
+    "ParamsError",
+    "TrainParams",
+    "as_dict",
+    "load_params",
+    "parse_params",
+]

@@ -1,0 +1,55 @@
+"""Accelerate adapters shared by train and evaluate: process setup and distributed inference."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.data import Split, to_input
+from pipeline.errors import PipelineError
+
+
+def make_accelerator(**kwargs: Any) -> Accelerator:
+    """An Accelerator on the GPU when there is one, else on CPU processes over gloo.
+
+    Stops with a clear message when a launcher started several processes that
+    Accelerate cannot join (each would train alone on all the data).
+    """
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise PipelineError(
+            f"WORLD_SIZE={world} but Accelerate joined only 1 process, so each would train alone on all data; "
+            "on a CPU-only host launch with `accelerate launch --multi_gpu --num_processes N` "
+            "or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N`"
+        )
+    return accelerator
+
+
+def eval_loader(split: Split, batch_size: int) -> DataLoader:
+    """A loader over ``split`` in its stored order; prepare it so each process gets a shard."""
+    return DataLoader(TensorDataset(split.images, split.labels), batch_size=batch_size, shuffle=False)
+
+
+@torch.no_grad()
+def predict(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, ...]:
+    """Predicted classes, true labels and per-sample losses for every sample exactly once.
+
+    ``loader`` must be prepared; ``gather_for_metrics`` drops the duplicates that pad
+    the last batch across processes. Returns CPU tensors (preds, labels, losses).
+    """
+    model.eval()
+    preds, labels, losses = [], [], []
+    for images, y in loader:
+        logits = model(to_input(images))
+        loss = nn.functional.cross_entropy(logits.float(), y, reduction="none")
+        p, y, loss = accelerator.gather_for_metrics((logits.argmax(dim=1), y, loss))
+        preds.append(p.cpu())
+        labels.append(y.cpu())
+        losses.append(loss.cpu())
+    return torch.cat(preds), torch.cat(labels), torch.cat(losses)
