@@ -19,7 +19,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -141,13 +141,14 @@ def file_is_verified(path: Path, sha256: str, size: int) -> bool:
     return h.hexdigest() == sha256
 
 
-def fetch_file(name: str, sources: Iterable[str], out_dir: Path, tmp_dir: Path, timeout: float) -> list[str]:
+def fetch_file(
+    name: str, sha256: str, size: int, sources: Iterable[str], out_dir: Path, tmp_dir: Path, timeout: float
+) -> list[str]:
     """Put a verified ``out_dir/name`` in place from the first source that works.
 
     Returns the failure reasons of the sources tried before it; raises DownloadError with
     one line per source when none works.
     """
-    sha256, size = FILES[name]
     failures: list[str] = []
     for source in sources:
         tmp = tmp_dir / name
@@ -171,10 +172,12 @@ def fetch_file(name: str, sources: Iterable[str], out_dir: Path, tmp_dir: Path, 
     raise DownloadError(f"no source provided {name}:\n" + "\n".join(f"  {f}" for f in failures))
 
 
-def download_all(sources: Iterable[str], out_dir: str | Path, timeout: float) -> None:
+def download_all(
+    sources: Iterable[str], out_dir: str | Path, timeout: float, files: Mapping[str, tuple[str, int]] = FILES
+) -> None:
     """Fetch every missing or unverified Fashion-MNIST file into ``out_dir``.
 
-    Verified files already there are kept. Nothing unverified ever appears in ``out_dir``:
+    ``files`` maps each file name to its decompressed (sha256, size). Verified files already there are kept. Nothing unverified ever appears in ``out_dir``:
     files are written in a temporary folder beside it and renamed in once checked.
     """
     out_dir, sources = Path(out_dir), list(sources)
@@ -182,13 +185,13 @@ def download_all(sources: Iterable[str], out_dir: str | Path, timeout: float) ->
     tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=out_dir.parent))
     errors = []
     try:
-        for name, (sha256, size) in FILES.items():
+        for name, (sha256, size) in files.items():
             if file_is_verified(out_dir / name, sha256, size):
                 print(f"download: {name} already present and verified", flush=True)
                 continue
             (out_dir / name).unlink(missing_ok=True)
             try:
-                fetch_file(name, sources, out_dir, tmp_dir, timeout)
+                fetch_file(name, sha256, size, sources, out_dir, tmp_dir, timeout)
             except DownloadError as e:
                 errors.append(str(e))
     finally:

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny synthetic Fashion-MNIST in IDX format, and tiny params."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.data import SPLIT_FILES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def idx_bytes(t: torch.Tensor) -> bytes:
+    """Encode a uint8 tensor as an IDX file."""
+    header = bytes([0, 0, 0x08, t.ndim]) + struct.pack(f">{t.ndim}I", *t.shape)
+    return header + t.contiguous().numpy().tobytes()
+
+
+def synthetic_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable images: class k lights up row band k, plus noise. Labels cycle 0..9."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.randint(0, 60, (n, 28, 28), generator=g)
+    for k in range(10):
+        images[labels == k, 2 + 2 * k : 4 + 2 * k, :] = 230
+    return images.to(torch.uint8), labels.to(torch.uint8)
+
+
+def write_raw(folder: Path, n_train: int = 240, n_test: int = 137) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = synthetic_split(n, seed)
+        images_name, labels_name = SPLIT_FILES[split]
+        (folder / images_name).write_bytes(idx_bytes(images))
+        (folder / labels_name).write_bytes(idx_bytes(labels))
+    return folder
+
+
+@pytest.fixture
+def tiny_raw(tmp_path: Path) -> Path:
+    """data/raw with 240 train and 137 test synthetic samples."""
+    return write_raw(tmp_path / "data" / "raw")
+
+
+@pytest.fixture
+def write_params(tmp_path: Path):
+    """Write a params file from nested overrides on top of tiny defaults; returns its path."""
+
+    def write(overrides: dict | None = None, name: str = "params.yaml") -> Path:
+        params = {
+            "data": {"subset": 0, "val_size": 40, "split_seed": 0},
+            "model": {"name": "tutorial_cnn"},
+            "train": {"epochs": 2, "batch_size": 20, "lr": 0.003, "seed": 1, "eval_batch_size": 32},
+            "evaluate": {"batch_size": 50},
+        }
+        for section, values in (overrides or {}).items():
+            params.setdefault(section, {}).update(values)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(params))
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process state in singletons; each test starts clean."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

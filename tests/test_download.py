@@ -1,0 +1,180 @@
+import gzip
+import hashlib
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from pipeline.download import download_all, main
+from pipeline.errors import DownloadError
+
+NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@pytest.fixture
+def payloads() -> dict[str, bytes]:
+    """Decompressed content per file name (small, distinct)."""
+    return {name: (name.encode() * 300)[: 1000 + 17 * i] for i, name in enumerate(NAMES)}
+
+
+@pytest.fixture
+def files(payloads) -> dict[str, tuple[str, int]]:
+    return {name: (hashlib.sha256(data).hexdigest(), len(data)) for name, data in payloads.items()}
+
+
+def make_mirror(root: Path, payloads: dict[str, bytes], damage: str | None = None) -> Path:
+    """A folder of .gz files; ``damage`` = truncate | corrupt | wrong-content | missing."""
+    root.mkdir(parents=True)
+    for name, data in payloads.items():
+        gz = gzip.compress(data, mtime=0)
+        if damage == "truncate":
+            gz = gz[: len(gz) // 2]
+        elif damage == "corrupt":
+            gz = gz[:20] + bytes(b ^ 0xFF for b in gz[20:40]) + gz[40:]
+        elif damage == "wrong-content":
+            gz = gzip.compress(data[:-1] + b"?", mtime=0)
+        elif damage == "missing":
+            continue
+        (root / f"{name}.gz").write_bytes(gz)
+    return root
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www; yields (base URL, folder)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = partial(QuietHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", www
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_local_folder_source_yields_verified_decompressed_files(tmp_path, payloads, files):
+    src = make_mirror(tmp_path / "deb", payloads)
+    out = tmp_path / "data" / "raw"
+    download_all([str(src)], out, timeout=5, files=files)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == payloads
+
+
+def test_http_falls_through_404_truncated_and_corrupt_mirrors_to_a_good_one(tmp_path, http_root, payloads, files, capsys):
+    base, www = http_root
+    make_mirror(www / "truncated", payloads, "truncate")
+    make_mirror(www / "corrupt", payloads, "corrupt")
+    make_mirror(www / "wrong", payloads, "wrong-content")
+    make_mirror(www / "good", payloads)
+    sources = [
+        str(tmp_path / "no-such-dir"),
+        f"{base}/missing",
+        f"{base}/truncated",
+        f"{base}/corrupt",
+        f"{base}/wrong/",
+        f"{base}/good",
+    ]
+    out = tmp_path / "raw"
+    download_all(sources, out, timeout=5, files=files)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == payloads
+    err = capsys.readouterr().err
+    assert "no-such-dir failed: directory not found" in err
+    assert "/missing failed: HTTP 404" in err
+    assert "/truncated failed: truncated gzip" in err
+    assert "/corrupt failed: corrupt gzip" in err
+    assert "/wrong/ failed: checksum mismatch" in err
+
+
+def test_refused_connection_is_reported_and_skipped(tmp_path, payloads, files, capsys):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    good = make_mirror(tmp_path / "good", payloads)
+    download_all([f"http://127.0.0.1:{port}/", str(good)], tmp_path / "raw", timeout=5, files=files)
+    assert "connection refused" in capsys.readouterr().err
+
+
+def test_stalled_server_times_out_and_falls_through(tmp_path, payloads, files, capsys):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections, never answers
+    try:
+        good = make_mirror(tmp_path / "good", payloads)
+        port = listener.getsockname()[1]
+        download_all([f"http://127.0.0.1:{port}/", str(good)], tmp_path / "raw", timeout=0.3, files=files)
+    finally:
+        listener.close()
+    assert "timed out" in capsys.readouterr().err
+
+
+def test_size_mismatch_is_rejected(tmp_path, payloads, files):
+    src = make_mirror(tmp_path / "deb", {k: v + b"extra" for k, v in payloads.items()})
+    with pytest.raises(DownloadError, match="size mismatch"):
+        download_all([str(src)], tmp_path / "raw", timeout=5, files=files)
+
+
+def test_all_sources_failing_lists_every_source_and_leaves_no_partial_file(tmp_path, http_root, payloads, files):
+    base, www = http_root
+    make_mirror(www / "truncated", payloads, "truncate")
+    out = tmp_path / "data" / "raw"
+    sources = [str(tmp_path / "absent"), f"{base}/truncated", f"{base}/missing"]
+    with pytest.raises(DownloadError) as info:
+        download_all(sources, out, timeout=5, files=files)
+    msg = str(info.value)
+    assert "no source provided train-images-idx3-ubyte:" in msg
+    assert f"  {tmp_path / 'absent'}: directory not found" in msg
+    assert f"  {base}/truncated: truncated gzip" in msg
+    assert f"  {base}/missing: HTTP 404 File not found" in msg
+    assert list(out.iterdir()) == []
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]  # temp folder cleaned up
+
+
+def test_verified_files_already_present_are_kept(tmp_path, payloads, files, capsys):
+    src = make_mirror(tmp_path / "deb", payloads)
+    out = tmp_path / "raw"
+    download_all([str(src)], out, timeout=5, files=files)
+    download_all([str(tmp_path / "gone")], out, timeout=5, files=files)  # no source needed now
+    assert capsys.readouterr().out.count("already present and verified") == 4
+
+
+def test_a_damaged_existing_file_is_replaced(tmp_path, payloads, files):
+    src = make_mirror(tmp_path / "deb", payloads)
+    out = tmp_path / "raw"
+    download_all([str(src)], out, timeout=5, files=files)
+    (out / NAMES[0]).write_bytes(b"garbage")
+    download_all([str(src)], out, timeout=5, files=files)
+    assert (out / NAMES[0]).read_bytes() == payloads[NAMES[0]]
+
+
+def test_cli_failure_exits_2_with_one_line_per_source_and_no_traceback(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"download:\n  sources: ['{tmp_path / 'nowhere'}']\n")
+    with pytest.raises(SystemExit) as info:
+        main(["--params", str(params), "--out", str(tmp_path / "raw")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("error: no source provided") == 1
+    assert err.count("nowhere failed: directory not found; trying the next source") == 4  # as it happens
+    assert err.count("nowhere: directory not found\n") == 4  # the summary: one line per file and source
+
+
+def test_real_debian_package_matches_the_pinned_digests(tmp_path):
+    debian = Path("/usr/share/datasets/fashion-mnist")
+    if not debian.is_dir():
+        pytest.skip("apt-get install dataset-fashion-mnist to check the pinned digests against real data")
+    download_all([str(debian)], tmp_path / "raw", timeout=5)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(NAMES)

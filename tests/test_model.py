@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.errors import ModelArtifactError
+from pipeline.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, TutorialCNN, build_model, load_artifact, save_artifact
+
+
+def test_tutorial_cnn_flatten_size_is_computed_for_28px_input():
+    model = TutorialCNN(ModelConfig())
+    assert model.flat_features == 32 * 2 * 2  # the tutorial hard-coded 32 * 5 * 5 and crashed
+    assert model.classifier[0].in_features == 128
+
+
+def test_tutorial_cnn_maps_a_batch_to_ten_logits():
+    model = build_model(ModelConfig())
+    assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_flatten_follows_the_image_size():
+    assert TutorialCNN(ModelConfig(image_size=32)).flat_features == 32 * 3 * 3
+
+
+def test_artifact_round_trip_rebuilds_the_same_function(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    save_artifact(model, ModelConfig(), tmp_path / "models", extra={"epochs": 3})
+    loaded, cfg = load_artifact(tmp_path / "models")
+    x = torch.rand(4, 1, 28, 28)
+    assert cfg == ModelConfig()
+    assert torch.equal(model(x), loaded(x))
+    assert json.loads((tmp_path / "models" / CONFIG_FILE).read_text())["epochs"] == 3
+
+
+def test_artifact_weights_have_no_wrapper_prefixes(tmp_path):
+    model = build_model(ModelConfig())
+    save_artifact(model, ModelConfig(), tmp_path / "m")
+    keys = load_file(str(tmp_path / "m" / WEIGHTS_FILE)).keys()
+    assert keys and not [k for k in keys if k.startswith(("module.", "_orig_mod."))]
+
+
+def test_saving_replaces_an_existing_artifact_whole(tmp_path):
+    out = tmp_path / "m"
+    save_artifact(build_model(ModelConfig()), ModelConfig(), out)
+    (out / "stale.txt").write_text("old")
+    save_artifact(build_model(ModelConfig()), ModelConfig(), out)
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    meta["model"]["name"] = "vit_giant"
+    (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelArtifactError, match="names model 'vit_giant', which this version does not know"):
+        load_artifact(tmp_path / "m")
+
+
+def test_missing_artifact_says_to_run_train(tmp_path):
+    with pytest.raises(ModelArtifactError, match=r"model\.json is missing; run `dvc repro train`"):
+        load_artifact(tmp_path)
+
+
+def test_corrupt_weights_are_reported(tmp_path):
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "m")
+    (tmp_path / "m" / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(ModelArtifactError, match="are unreadable"):
+        load_artifact(tmp_path / "m")

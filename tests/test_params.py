@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ParamsError
+from pipeline.params import Params, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_file_loads_with_documented_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert params.model.name == "tutorial_cnn"
+    assert params.download.sources[0] == "/usr/share/datasets/fashion-mnist"
+    assert params.train.batch_size >= 1 and params.train.lr > 0
+
+
+def test_empty_sections_take_defaults():
+    assert parse_params({}) == Params()
+
+
+def test_exponent_floats_parse_as_numbers(tmp_path):
+    # DVC's `-S train.lr=3e-3` writes YAML 1.2 floats that plain PyYAML reads as strings
+    path = tmp_path / "p.yaml"
+    path.write_text("train:\n  lr: 3e-3\n")
+    assert load_params(path).train.lr == pytest.approx(0.003)
+
+
+def test_integer_is_accepted_for_a_float_key():
+    assert parse_params({"train": {"lr": 1}}).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"trian": {}}, r"unknown key trian; allowed keys: data, download, evaluate, model, train"),
+        ({"train": {"learning_rate": 0.1}}, r"unknown key train\.learning_rate; allowed keys in train: .*lr"),
+        ({"train": {"epochs": "ten"}}, r"train\.epochs must be an integer, got 'ten'"),
+        ({"train": {"epochs": 2.5}}, r"train\.epochs must be an integer"),
+        ({"train": {"epochs": True}}, r"train\.epochs must be an integer"),
+        ({"train": {"lr": "fast"}}, r"train\.lr must be a number, got 'fast'"),
+        ({"train": {"hflip": "yes"}}, r"train\.hflip must be true or false"),
+        ({"train": "oops"}, r"train must be a mapping"),
+        ({"train": {"epochs": 0}}, r"train\.epochs must be >= 1, got 0"),
+        ({"train": {"batch_size": 0}}, r"train\.batch_size must be >= 1, got 0"),
+        ({"train": {"lr": 0}}, r"train\.lr must be > 0, got 0"),
+        ({"train": {"lr": -0.1}}, r"train\.lr must be > 0"),
+        ({"train": {"schedule": "cosine"}}, r"train\.schedule 'cosine' is unknown; allowed: onecycle, constant"),
+        ({"model": {"name": "resnet"}}, r"model\.name 'resnet' is unknown; allowed: tutorial_cnn"),
+        ({"data": {"subset": -1}}, r"data\.subset must be 0 \(all\) or a positive count"),
+        ({"data": {"val_size": 0}}, r"data\.val_size must be >= 1"),
+        ({"download": {"sources": []}}, r"download\.sources must be a non-empty list"),
+        ({"download": {"sources": [3]}}, r"download\.sources\[0\] must be a string"),
+    ],
+    ids=[
+        "unknown-section",
+        "unknown-key",
+        "str-for-int",
+        "float-for-int",
+        "bool-for-int",
+        "str-for-float",
+        "str-for-bool",
+        "section-not-mapping",
+        "epochs-zero",
+        "batch-zero",
+        "lr-zero",
+        "lr-negative",
+        "unknown-schedule",
+        "unknown-model",
+        "negative-subset",
+        "val-size-zero",
+        "no-sources",
+        "source-not-string",
+    ],
+)
+def test_bad_params_raise_one_line_naming_the_key(raw, match):
+    with pytest.raises(ParamsError, match=match) as info:
+        parse_params(raw)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_params_file_says_where_to_run(tmp_path):
+    with pytest.raises(ParamsError, match="not found; run from the project root"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_reported(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="is not valid YAML"):
+        load_params(path)
