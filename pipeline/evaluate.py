@@ -19,8 +19,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
 
-import torch  # noqa: E402
-
 from pipeline.data import CLASSES, load_split  # noqa: E402
 from pipeline.errors import cli  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
@@ -87,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
             "worst classes: " + ", ".join(f"{k} {v:.3f}" for k, v in worst)
         )
     accelerator.wait_for_everyone()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return 0
 
 

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+
+from pipeline.data import CLASSES, load_split
+from pipeline.evaluate import main
+from pipeline.model import ModelConfig, build_model, load_artifact, save_artifact
+from pipeline.runtime import eval_loader, make_accelerator, predict
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    torch.manual_seed(0)
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "models")
+    return tmp_path / "models"
+
+
+def run_eval(tmp_path, params, artifact):
+    return main(
+        [
+            "--params", str(params),
+            "--data", str(tmp_path / "data" / "raw"),
+            "--model-dir", str(artifact),
+            "--out", str(tmp_path / "metrics" / "test.json"),
+            "--confusion", str(tmp_path / "eval" / "confusion.json"),
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_size", [1, 10, 50, 137, 1000], ids=lambda b: f"batch{b}")
+def test_every_test_sample_is_counted_once_whatever_the_batch(tmp_path, tiny_raw, write_params, artifact, batch_size):
+    assert run_eval(tmp_path, write_params({"evaluate": {"batch_size": batch_size}}), artifact) == 0
+    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    cm = json.loads((tmp_path / "eval" / "confusion.json").read_text())["counts"]
+    labels = load_split(tiny_raw, "test").labels
+    assert metrics["samples"] == 137 == sum(map(sum, cm))
+    assert [sum(row) for row in cm] == torch.bincount(labels, minlength=10).tolist()  # per-class totals = class sizes
+
+
+def test_metrics_match_a_direct_computation(tmp_path, tiny_raw, write_params, artifact):
+    run_eval(tmp_path, write_params({"evaluate": {"batch_size": 32}}), artifact)
+    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    model, _ = load_artifact(artifact)
+    test = load_split(tiny_raw, "test")
+    with torch.no_grad():
+        logits = model(test.images.unsqueeze(1).float() / 255)
+    preds = logits.argmax(1)
+    assert metrics["accuracy"] == pytest.approx((preds == test.labels).float().mean().item(), abs=1e-6)
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, test.labels).item(), abs=1e-5)
+    assert list(metrics["per_class_accuracy"]) == list(CLASSES)
+    for k, name in enumerate(CLASSES):
+        mask = test.labels == k
+        expected = (preds[mask] == k).float().mean().item()
+        assert metrics["per_class_accuracy"][name] == pytest.approx(expected, abs=1e-6)
+
+
+def test_subset_limits_the_test_set(tmp_path, tiny_raw, write_params, artifact):
+    run_eval(tmp_path, write_params({"data": {"subset": 30}}), artifact)
+    assert json.loads((tmp_path / "metrics" / "test.json").read_text())["samples"] == 30
+
+
+def test_missing_model_says_run_train(tmp_path, tiny_raw, write_params, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_eval(tmp_path, write_params(), tmp_path / "nothing")
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("is missing; run `dvc repro train`")
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_predict_returns_one_row_per_sample(tiny_raw):
+    accelerator = make_accelerator()
+    model = build_model(ModelConfig())
+    model, loader = accelerator.prepare(model, eval_loader(load_split(tiny_raw, "test"), 64))
+    preds, labels, losses = predict(accelerator, model, loader)
+    assert preds.shape == labels.shape == losses.shape == (137,)

@@ -1,0 +1,118 @@
+"""Real `dvc repro` / `dvc exp run` in a temporary git copy of this repo, on a small subset of real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.data import CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "data": {"subset": 600, "val_size": 100},
+    "train": {"epochs": 2, "batch_size": 50},
+    "evaluate": {"batch_size": 256},
+}
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    }  # fmt: skip
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh git repo holding the project's tracked files, with small params committed."""
+    if not DEBIAN.is_dir():
+        pytest.fail("the end-to-end tests read real data: apt-get install dataset-fashion-mnist")
+    dest = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    set_params(dest, SMALL)
+    sh(dest, "git", "init", "-q")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "project")
+    return dest
+
+
+def test_repro_runs_all_stages_and_writes_declared_metrics(repo):
+    out = sh(repo, "dvc", "repro").stdout
+    for stage in ("download", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    test = json.loads((repo / "metrics" / "test.json").read_text())
+    assert test["samples"] == 600
+    assert list(test["per_class_accuracy"]) == list(CLASSES)
+    cm = json.loads((repo / "eval" / "confusion.json").read_text())["counts"]
+    assert sum(map(sum, cm)) == 600
+    train = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
+    assert train["step"] == 1 and "accuracy" in train["val"]
+    assert sorted(p.name for p in (repo / "data" / "raw").iterdir()) == [
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    ]  # fmt: skip
+    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert all(json.dumps(name)[1:-1] in text for name in CLASSES) and "best_val_accuracy" in text
+
+
+def test_second_repro_does_nothing(repo):
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage" not in out
+    assert "Data and pipelines are up to date" in out
+
+
+def test_changing_a_train_param_reruns_train_and_evaluate_only(repo):
+    set_params(repo, {"train": {"lr": 0.004}})
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Stage 'download' didn't change, skipping" in out
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline results")
+
+
+def test_exp_run_with_a_new_lr_shows_in_metrics_and_params_diff(repo):
+    sh(repo, "dvc", "exp", "run", "-S", "train.lr=3e-3")
+    metrics = json.loads(sh(repo, "dvc", "metrics", "diff", "--json").stdout)
+    assert metrics, "dvc metrics diff shows no change"
+    changed = json.dumps(metrics)
+    assert "metrics/test.json" in changed and "accuracy" in changed
+    params = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
+    lr = params["params.yaml"]["train.lr"]
+    assert (lr["old"], lr["new"]) == (0.004, 0.003)
+
+
+def test_bad_param_fails_the_stage_with_one_line_and_no_traceback(repo):
+    set_params(repo, {"train": {"lr": -1}})
+    proc = sh(repo, "dvc", "repro", "train", check=False)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert errors == ["error: train.lr must be > 0, got -1.0"]
+    assert "Traceback" not in proc.stdout + proc.stderr

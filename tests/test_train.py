@@ -1,0 +1,79 @@
+import json
+import re
+
+import pytest
+from safetensors.torch import load_file
+
+from pipeline.train import main
+
+
+def run_train(tmp_path, params, *extra):
+    return main(
+        [
+            "--params", str(params),
+            "--data", str(tmp_path / "data" / "raw"),
+            "--model-dir", str(tmp_path / "models"),
+            "--live-dir", str(tmp_path / "live"),
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_training_writes_artifact_and_one_metrics_row_per_epoch(tmp_path, tiny_raw, write_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_train(tmp_path, write_params({"train": {"epochs": 3}})) == 0
+    meta = json.loads((tmp_path / "models" / "model.json").read_text())
+    assert meta["model"]["name"] == "tutorial_cnn" and meta["epochs"] == 3
+    assert load_file(str(tmp_path / "models" / "model.safetensors"))
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert metrics["step"] == 2
+    assert {"loss", "accuracy"} <= metrics["train"].keys() and {"loss", "accuracy"} <= metrics["val"].keys()
+    assert 0.0 <= metrics["best_val_accuracy"] <= 1.0
+    rows = (tmp_path / "live" / "plots" / "metrics" / "val" / "accuracy.tsv").read_text().splitlines()
+    assert len(rows) == 1 + 3  # header + one row per epoch
+
+
+def test_training_learns_the_synthetic_task(tmp_path, tiny_raw, write_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, write_params({"train": {"epochs": 6, "lr": 0.003}}))
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert metrics["best_val_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_same_seed_gives_bitwise_identical_weights(tmp_path, tiny_raw, write_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = write_params()
+    run_train(tmp_path, params)
+    first = load_file(str(tmp_path / "models" / "model.safetensors"))
+    run_train(tmp_path, params)
+    second = load_file(str(tmp_path / "models" / "model.safetensors"))
+    assert all((first[k] == second[k]).all() for k in first)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"data": {"val_size": 240}}, r"data\.val_size \(240\) must be at least 1 and less than the 240 training"),
+        ({"train": {"batch_size": 500}}, r"train\.batch_size \(500\) is larger than the 200 training samples"),
+        ({"train": {"epochs": 0}}, r"train\.epochs must be >= 1"),
+        ({"model": {"name": "lenet"}}, r"model\.name 'lenet' is unknown"),
+        ({"train": {"bogus": 1}}, r"unknown key train\.bogus"),
+    ],
+    ids=["val-size-too-big", "batch-larger-than-data", "epochs-zero", "unknown-model", "unknown-key"],
+)
+def test_bad_inputs_stop_before_work_with_one_line(tmp_path, tiny_raw, write_params, monkeypatch, capsys, overrides, match):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        run_train(tmp_path, write_params(overrides))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert re.search(match, err)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "live").exists()
+
+
+def test_missing_data_says_run_download(tmp_path, write_params, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, write_params())
+    assert "is missing; run `dvc repro download`" in capsys.readouterr().err
