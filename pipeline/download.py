@@ -53,7 +53,7 @@ def open_source(source: str, name: str, timeout: float) -> Iterator[tuple[Binary
             raise SourceError(f"HTTP {e.code} {e.reason}") from None
         except urllib.error.URLError as e:
             raise SourceError(_reason(e.reason)) from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise SourceError(f"timed out after {timeout:g}s") from None
         except (OSError, ValueError) as e:
             raise SourceError(_reason(e)) from None
@@ -104,7 +104,7 @@ def copy_verified(
     while True:
         try:
             chunk = stream.read(CHUNK)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise SourceError("timed out while reading") from None
         except OSError as e:
             raise SourceError(f"read failed: {_reason(e)}") from None
@@ -155,7 +155,12 @@ def fetch_file(
         try:
             with open_source(source, name, timeout) as (stream, gzipped, length, where):
                 bar = tqdm(
-                    total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=None if is_url(source) else True
+                    total=length,
+                    unit="B",
+                    unit_scale=True,
+                    desc=name,
+                    leave=False,
+                    disable=None if is_url(source) else True,
                 )
                 with bar, tmp.open("wb") as dest:
                     copy_verified(stream, gzipped, dest, sha256, size, bar)
@@ -177,8 +182,9 @@ def download_all(
 ) -> None:
     """Fetch every missing or unverified Fashion-MNIST file into ``out_dir``.
 
-    ``files`` maps each file name to its decompressed (sha256, size). Verified files already there are kept. Nothing unverified ever appears in ``out_dir``:
-    files are written in a temporary folder beside it and renamed in once checked.
+    ``files`` maps each file name to its decompressed (sha256, size). Verified files
+    already there are kept. Nothing unverified ever appears in ``out_dir``: files are
+    written in a temporary folder beside it and renamed in once checked.
     """
     out_dir, sources = Path(out_dir), list(sources)
     out_dir.mkdir(parents=True, exist_ok=True)

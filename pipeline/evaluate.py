@@ -36,6 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--confusion", default="eval/confusion.json", help="confusion matrix counts to write (default: %(default)s)"
     )
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="threads per process when running on CPU; 0 = the host's cores split across its processes "
+        "(default: %(default)s). Results on CPU are bitwise reproducible for a fixed thread count.",
+    )
     return p.parse_args(argv)
 
 
@@ -58,7 +65,7 @@ def write_json(path: str | Path, obj: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(args.cpu_threads)
     model, model_cfg = load_artifact(args.model_dir)
     test = load_split(args.data, "test", params.data.subset)
     model, loader = accelerator.prepare(model, eval_loader(test, params.evaluate.batch_size))

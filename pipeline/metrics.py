@@ -25,7 +25,8 @@ def classification_report(cm: torch.Tensor, classes: Sequence[str]) -> dict:
     correct = cm.diagonal()
     total = int(support.sum())
     per_class = {
-        name: (round(int(c) / int(s), 6) if int(s) else 0.0) for name, c, s in zip(classes, correct, support, strict=True)
+        name: (round(int(c) / int(s), 6) if int(s) else 0.0)
+        for name, c, s in zip(classes, correct, support, strict=True)
     }
     return {
         "accuracy": round(int(correct.sum()) / total, 6) if total else 0.0,

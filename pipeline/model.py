@@ -50,8 +50,7 @@ class TutorialCNN(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(cfg.mean), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std), persistent=False)
+        self.mean, self.std = cfg.mean, cfg.std  # input statistics, part of the architecture JSON
         self.features = nn.Sequential(
             nn.Conv2d(cfg.in_channels, 16, 3), nn.ReLU(),
             nn.Conv2d(16, 16, 3), nn.ReLU(),
@@ -135,10 +134,14 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(meta["model"]) - known
     if unknown:
-        raise ModelArtifactError(f"{path} has unknown model fields {sorted(unknown)}; it was written by a newer version")
+        raise ModelArtifactError(
+            f"{path} has unknown model fields {sorted(unknown)}; it was written by a newer version"
+        )
     cfg = ModelConfig(**meta["model"])
     if cfg.name not in MODELS:
-        raise ModelArtifactError(f"{path} names model {cfg.name!r}, which this version does not know ({', '.join(MODELS)})")
+        raise ModelArtifactError(
+            f"{path} names model {cfg.name!r}, which this version does not know ({', '.join(MODELS)})"
+        )
     return cfg
 
 

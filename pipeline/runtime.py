@@ -14,13 +14,27 @@ from pipeline.data import Split, to_input
 from pipeline.errors import PipelineError
 
 
-def make_accelerator(**kwargs: Any) -> Accelerator:
+def cpu_threads_for(requested: int, cpu_count: int | None, local_processes: int) -> int:
+    """Threads per process: ``requested`` if > 0, else this host's cores split evenly across its processes."""
+    if requested > 0:
+        return requested
+    return max(1, (cpu_count or 1) // max(1, local_processes))
+
+
+def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
     """An Accelerator on the GPU when there is one, else on CPU processes over gloo.
 
+    On CPU, sets the intra-op thread count (``accelerate launch`` exports
+    OMP_NUM_THREADS=1 unless told otherwise, which halves speed on a 2-core host).
     Stops with a clear message when a launcher started several processes that
     Accelerate cannot join (each would train alone on all the data).
     """
+    if cpu_threads < 0:
+        raise PipelineError(f"--cpu-threads must be 0 (auto) or a positive count, got {cpu_threads}")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    if accelerator.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(cpu_threads_for(cpu_threads, os.cpu_count(), local))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
         raise PipelineError(

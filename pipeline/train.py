@@ -23,7 +23,16 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.data import CLASSES, Split, batch_flip_lr, load_split, rank_batches, steps_per_epoch, to_input, train_val_split  # noqa: E402
+from pipeline.data import (  # noqa: E402
+    CLASSES,
+    Split,
+    batch_flip_lr,
+    load_split,
+    rank_batches,
+    steps_per_epoch,
+    to_input,
+    train_val_split,
+)
 from pipeline.errors import DataError, cli  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
 from pipeline.model import ModelConfig, build_model, save_artifact  # noqa: E402
@@ -37,10 +46,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default="data/raw", help="folder with the four IDX files (default: %(default)s)")
     p.add_argument("--model-dir", default="models", help="where the model artifact goes (default: %(default)s)")
     p.add_argument("--live-dir", default="dvclive/train", help="DVCLive metrics and plots (default: %(default)s)")
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="threads per process when running on CPU; 0 = the host's cores split across its processes "
+        "(default: %(default)s). Results on CPU are bitwise reproducible for a fixed thread count.",
+    )
     return p.parse_args(argv)
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainParams, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_schedule(
+    optimizer: torch.optim.Optimizer, cfg: TrainParams, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The per-step learning-rate schedule ``cfg.schedule`` names."""
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25)
@@ -67,7 +85,9 @@ def train_epoch(
     model.train()
     device = accelerator.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
-    batches = rank_batches(len(train), cfg.batch_size, cfg.seed, epoch, accelerator.process_index, accelerator.num_processes)
+    batches = rank_batches(
+        len(train), cfg.batch_size, cfg.seed, epoch, accelerator.process_index, accelerator.num_processes
+    )
     for idx, flip in batches:
         idx = idx.to(device, non_blocking=True)
         images, labels = train.images[idx], train.labels[idx]
@@ -80,7 +100,13 @@ def train_epoch(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            sums += torch.stack([loss.double() * len(idx), (logits.argmax(1) == labels).sum().double(), torch.tensor(len(idx), device=device, dtype=torch.float64)])
+            sums += torch.stack(
+                [
+                    loss.double() * len(idx),
+                    (logits.argmax(1) == labels).sum().double(),
+                    torch.tensor(len(idx), device=device, dtype=torch.float64),
+                ]
+            )
     loss_sum, correct, samples = accelerator.reduce(sums, reduction="sum").tolist()
     return EpochStats(loss=loss_sum / samples, accuracy=correct / samples, samples=int(samples))
 
@@ -102,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     cfg = params.train
-    accelerator = make_accelerator(log_with="dvclive")
+    accelerator = make_accelerator(args.cpu_threads, log_with="dvclive")
     set_seed(cfg.seed)
 
     full = load_split(args.data, "train", params.data.subset)
@@ -123,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         config={k: v for k, v in _flat(as_dict(params)).items() if not k.startswith("download.")},
         init_kwargs={"dvclive": {"dir": args.live_dir, "save_dvc_exp": False, "dvcyaml": None}},
     )
+    where = str(accelerator.device)
+    if accelerator.device.type == "cpu":
+        where += f" ({torch.get_num_threads()} threads)"
     accelerator.print(
-        f"train: {len(train)} samples, val: {len(val)}, {accelerator.num_processes} process(es) on "
-        f"{accelerator.device}, {steps} steps/epoch of {cfg.batch_size}"
+        f"train: {len(train)} samples, val: {len(val)}, {accelerator.num_processes} process(es) on {where}, "
+        f"{steps} steps/epoch of {cfg.batch_size}, mixed precision: {accelerator.mixed_precision}"
     )
     best_val, start = -1.0, time.perf_counter()
     for epoch in range(cfg.epochs):

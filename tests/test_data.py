@@ -32,7 +32,10 @@ def test_parse_idx_reads_one_dimensional_labels():
         (b"\x01\x02\x08\x01", "bad magic"),
         (b"\x00\x00\x0d\x01\x00\x00\x00\x01abcd", r"element type 0x0d"),
         (b"\x00\x00\x08\x03\x00\x00", "truncated inside its IDX header"),
-        (idx_bytes(torch.zeros(4, 2, 2, dtype=torch.uint8))[:-3], r"holds 13 data bytes but its header \(4, 2, 2\) needs 16"),
+        (
+            idx_bytes(torch.zeros(4, 2, 2, dtype=torch.uint8))[:-3],
+            r"holds 13 data bytes but its header \(4, 2, 2\) needs 16",
+        ),
         (idx_bytes(torch.zeros(4, dtype=torch.uint8)) + b"x", r"holds 5 data bytes"),
     ],
     ids=["bad-magic", "float-type", "short-header", "truncated-data", "trailing-bytes"],

@@ -68,7 +68,9 @@ def test_local_folder_source_yields_verified_decompressed_files(tmp_path, payloa
     assert {p.name: p.read_bytes() for p in out.iterdir()} == payloads
 
 
-def test_http_falls_through_404_truncated_and_corrupt_mirrors_to_a_good_one(tmp_path, http_root, payloads, files, capsys):
+def test_http_falls_through_404_truncated_and_corrupt_mirrors_to_a_good_one(
+    tmp_path, http_root, payloads, files, capsys
+):
     base, www = http_root
     make_mirror(www / "truncated", payloads, "truncate")
     make_mirror(www / "corrupt", payloads, "corrupt")

@@ -5,7 +5,15 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import ModelArtifactError
-from pipeline.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, TutorialCNN, build_model, load_artifact, save_artifact
+from pipeline.model import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ModelConfig,
+    TutorialCNN,
+    build_model,
+    load_artifact,
+    save_artifact,
+)
 
 
 def test_tutorial_cnn_flatten_size_is_computed_for_28px_input():

@@ -59,6 +59,8 @@ def repo(tmp_path_factory) -> Path:
             shutil.copy2(REPO / rel, dest / rel)
     set_params(dest, SMALL)
     sh(dest, "git", "init", "-q")
+    sh(dest, "git", "config", "user.name", "e2e")  # dvc exp commits with the repo's identity
+    sh(dest, "git", "config", "user.email", "e2e@example.com")
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "project")
     return dest

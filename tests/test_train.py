@@ -61,7 +61,9 @@ def test_same_seed_gives_bitwise_identical_weights(tmp_path, tiny_raw, write_par
     ],
     ids=["val-size-too-big", "batch-larger-than-data", "epochs-zero", "unknown-model", "unknown-key"],
 )
-def test_bad_inputs_stop_before_work_with_one_line(tmp_path, tiny_raw, write_params, monkeypatch, capsys, overrides, match):
+def test_bad_inputs_stop_before_work_with_one_line(
+    tmp_path, tiny_raw, write_params, monkeypatch, capsys, overrides, match
+):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as info:
         run_train(tmp_path, write_params(overrides))
