@@ -188,6 +188,8 @@ def download_all(
     """
     out_dir, sources = Path(out_dir), list(sources)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(".download-*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=out_dir.parent))
     errors = []
     try:

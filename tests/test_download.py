@@ -180,3 +180,52 @@ def test_real_debian_package_matches_the_pinned_digests(tmp_path):
         pytest.skip("apt-get install dataset-fashion-mnist to check the pinned digests against real data")
     download_all([str(debian)], tmp_path / "raw", timeout=5)
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(NAMES)
+
+
+def test_killed_download_leaves_nothing_partial_and_a_rerun_completes(tmp_path, payloads, files):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    started = threading.Event()
+    release = threading.Event()
+
+    class StallingHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = gzip.compress(os.urandom(200_000), mtime=0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:50_000])
+            self.wfile.flush()
+            started.set()
+            release.wait(30)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StallingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "data" / "raw"
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"download": {"sources": [f"http://127.0.0.1:{server.server_address[1]}/"]}}))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.download", "--params", str(params), "--out", str(out)])
+    try:
+        assert started.wait(30), "the download never started"
+        deadline = time.monotonic() + 10
+        while not any(p.stat().st_size for p in tmp_path.glob("data/.download-*/*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert list(out.iterdir()) == []  # the half-written file stayed outside data/raw
+    assert list(tmp_path.glob("data/.download-*"))  # ... in the temp folder, which the next run removes
+    download_all([str(make_mirror(tmp_path / "deb", payloads))], out, timeout=5, files=files)
+    assert sorted(p.name for p in out.iterdir()) == sorted(NAMES)
+    assert not list(tmp_path.glob("data/.download-*"))
