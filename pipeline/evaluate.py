@@ -24,7 +24,7 @@ from pipeline.errors import cli  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
 from pipeline.model import load_artifact  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.runtime import eval_loader, make_accelerator, predict  # noqa: E402
+from pipeline.runtime import eval_loader, make_accelerator, predict, say  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             {"classes": list(CLASSES), "rows": "true class", "columns": "predicted class", "counts": cm.tolist()},
         )
         worst = sorted(report["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
-        accelerator.print(
+        say(
+            accelerator,
             f"test accuracy {metrics['accuracy']:.4f} loss {metrics['loss']:.4f} on {metrics['samples']} samples; "
-            "worst classes: " + ", ".join(f"{k} {v:.3f}" for k, v in worst)
+            "worst classes: " + ", ".join(f"{k} {v:.3f}" for k, v in worst),
         )
     accelerator.wait_for_everyone()
     return 0

@@ -31,11 +31,22 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
     """
     if cpu_threads < 0:
         raise PipelineError(f"--cpu-threads must be 0 (auto) or a positive count, got {cpu_threads}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not os.environ.get("MASTER_ADDR"):
+        raise PipelineError(
+            f"WORLD_SIZE={world} is set but no launcher set up the process group (MASTER_ADDR is missing); "
+            "start N processes with `accelerate launch --multi_gpu --num_processes N pipeline/train.py`, "
+            "or unset WORLD_SIZE for one process"
+        )
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
     if accelerator.device.type == "cpu":
+        if accelerator.mixed_precision == "fp16":
+            raise PipelineError(
+                "fp16 mixed precision needs a GPU (on CPU it would silently run in fp32); "
+                "use --mixed_precision bf16 or no"
+            )
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(cpu_threads_for(cpu_threads, os.cpu_count(), local))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
         raise PipelineError(
             f"WORLD_SIZE={world} but Accelerate joined only 1 process, so each would train alone on all data; "
@@ -43,6 +54,12 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
             "or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N`"
         )
     return accelerator
+
+
+def say(accelerator: Accelerator, message: str) -> None:
+    """Print on the global main process only (``accelerator.print`` prints once per machine)."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
 
 
 def eval_loader(split: Split, batch_size: int) -> DataLoader:

@@ -37,7 +37,7 @@ from pipeline.errors import DataError, cli  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
 from pipeline.model import ModelConfig, build_model, save_artifact  # noqa: E402
 from pipeline.params import Params, TrainParams, as_dict, load_params  # noqa: E402
-from pipeline.runtime import eval_loader, make_accelerator, predict  # noqa: E402
+from pipeline.runtime import eval_loader, make_accelerator, predict, say  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     where = str(accelerator.device)
     if accelerator.device.type == "cpu":
         where += f" ({torch.get_num_threads()} threads)"
-    accelerator.print(
+    say(
+        accelerator,
         f"train: {len(train)} samples, val: {len(val)}, {accelerator.num_processes} process(es) on {where}, "
-        f"{steps} steps/epoch of {cfg.batch_size}, mixed precision: {accelerator.mixed_precision}"
+        f"{steps} steps/epoch of {cfg.batch_size}, mixed precision: {accelerator.mixed_precision}",
     )
     best_val, start = -1.0, time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -175,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             "samples_per_s": round(stats.samples / train_time, 1),
         }
         accelerator.log(row, step=epoch)
-        accelerator.print(
+        say(
+            accelerator,
             f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
-            f"val loss {val_loss:.4f} acc {report['accuracy']:.4f}  {row['samples_per_s']:.0f} samples/s"
+            f"val loss {val_loss:.4f} acc {report['accuracy']:.4f}  {row['samples_per_s']:.0f} samples/s",
         )
         if not math.isfinite(stats.loss):
             raise DataError(f"training diverged at epoch {epoch + 1} (loss {stats.loss}); lower train.lr")
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             extra={"epochs": cfg.epochs, "val_accuracy": report["accuracy"]},
         )
     accelerator.end_training()
-    accelerator.print(f"model written to {args.model_dir}/; best val accuracy {best_val:.4f}")
+    say(accelerator, f"model written to {args.model_dir}/; best val accuracy {best_val:.4f}")
     return 0
 
 

@@ -69,3 +69,11 @@ def test_metrics_files_are_declared_and_kept_in_git():
 
 def test_dvc_config_disables_analytics():
     assert "analytics = false" in (REPO / ".dvc" / "config").read_text()
+
+
+@pytest.mark.parametrize("name", ["cpu-2proc.yaml", "gpu-1.yaml", "gpu-8.yaml", "2-nodes.yaml"])
+def test_example_accelerate_configs_load_with_accelerates_own_reader(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "scripts" / "accelerate" / name))
+    assert config.num_processes >= 1 and config.compute_environment.value == "LOCAL_MACHINE"

@@ -25,9 +25,10 @@ SMALL = {
 }
 
 
-def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+def sh(cwd: Path, *cmd: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
+        **extra_env,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
@@ -109,6 +110,16 @@ def test_exp_run_with_a_new_lr_shows_in_metrics_and_params_diff(repo):
     params = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
     lr = params["params.yaml"]["train.lr"]
     assert (lr["old"], lr["new"]) == (0.004, 0.003)
+
+
+def test_repro_honours_the_accelerate_config_file_and_keeps_the_answer(repo):
+    before = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
+    config = str(repo / "scripts" / "accelerate" / "cpu-2proc.yaml")
+    out = sh(repo, "dvc", "repro", "--force", "--single-item", "train", ACCELERATE_CONFIG_FILE=config).stdout
+    assert "2 process(es) on cpu" in out
+    after = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
+    assert after["val"]["accuracy"] == pytest.approx(before["val"]["accuracy"], abs=0.011)  # at most 1 of 100 flips
+    assert after["train"]["loss"] == pytest.approx(before["train"]["loss"], abs=1e-4)
 
 
 def test_bad_param_fails_the_stage_with_one_line_and_no_traceback(repo):

@@ -27,3 +27,20 @@ def test_accelerator_overrides_the_launchers_single_thread_default(monkeypatch):
 def test_negative_thread_count_is_refused():
     with pytest.raises(PipelineError, match="--cpu-threads must be 0"):
         make_accelerator(cpu_threads=-1)
+
+
+def test_fp16_on_cpu_is_refused_instead_of_silently_running_fp32():
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is fine on a GPU")
+    with pytest.raises(PipelineError, match="fp16 mixed precision needs a GPU.*bf16"):
+        make_accelerator(mixed_precision="fp16")
+
+
+def test_bf16_on_cpu_autocasts_the_forward_pass():
+    accelerator = make_accelerator(mixed_precision="bf16")
+    layer = torch.nn.Linear(4, 2)
+    seen = []
+    layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    model = accelerator.prepare(torch.nn.Sequential(layer))
+    assert model(torch.ones(1, 4)).dtype == torch.float32  # Accelerate hands back fp32 outputs
+    assert seen == [torch.bfloat16]  # ... computed in bf16

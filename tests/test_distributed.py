@@ -1,0 +1,210 @@
+"""Real multi-process runs on CPU over gloo: 1 vs 2 processes, 2 "machines" on loopback, failures.
+
+No mocks: every run is a real `accelerate launch` (or torchrun) of the stage scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, write_raw
+
+pytestmark = pytest.mark.slow
+
+TRAIN = str(REPO / "pipeline" / "train.py")
+EVALUATE = str(REPO / "pipeline" / "evaluate.py")
+TIMING_KEYS = {"epoch_time_s", "samples_per_s", "train_time_s"}
+# Largest weight difference allowed between 1 and 2 processes after the short run below.
+# DDP averages two half-batch gradients where one process sums the whole batch: the same
+# math, a different float32 summation order, so weights differ by rounding (measured:
+# about 1e-6 after 16 steps) and never by a different data order or sample count.
+WEIGHT_TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def launch(*cmd: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate(n: int, *extra: str) -> list[str]:
+    return ["accelerate", "launch", "--quiet", "--multi_gpu", "--num_processes", str(n),
+            "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), *extra]  # fmt: skip
+
+
+def stage_args(out: Path, params: Path, raw: Path) -> list[str]:
+    return ["--params", str(params), "--data", str(raw), "--model-dir", str(out / "models"),
+            "--live-dir", str(out / "live"), "--cpu-threads", "1"]  # fmt: skip
+
+
+def untimed(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in TIMING_KEYS}
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a / "models" / "model.safetensors")), load_file(str(b / "models" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="module")
+def raw(workdir) -> Path:
+    return write_raw(workdir / "raw", n_train=400, n_test=137)
+
+
+@pytest.fixture(scope="module")
+def params(workdir) -> Path:
+    path = workdir / "params.yaml"
+    path.write_text(
+        "data: {val_size: 77}\n"  # 323 train samples: ragged tail; 77 val: not divisible by 2 x batch
+        "train: {epochs: 2, batch_size: 40, lr: 0.003, seed: 3, eval_batch_size: 16}\n"
+        "evaluate: {batch_size: 16}\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(workdir, params, raw) -> Path:
+    out = workdir / "single"
+    proc = launch(sys.executable, TRAIN, *stage_args(out, params, raw), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def double(workdir, params, raw) -> tuple[Path, subprocess.CompletedProcess]:
+    out = workdir / "double"
+    proc = launch(*accelerate(2), TRAIN, *stage_args(out, params, raw), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_two_processes_train_the_same_model_as_one(single, double):
+    diff = max_weight_diff(single, double[0])
+    print(f"max |w1 - w2| = {diff:.3g}")
+    assert diff <= WEIGHT_TOLERANCE
+
+
+def test_two_processes_form_one_group_and_print_once(double):
+    _, proc = double
+    assert "2 process(es) on cpu" in proc.stdout
+    assert proc.stdout.count("epoch 1/2 ") == 1 and proc.stdout.count("epoch 2/2 ") == 1
+
+
+def test_two_process_metrics_match_the_single_process_run(single, double):
+    one, two = untimed(single / "live" / "metrics.json"), untimed(double[0] / "live" / "metrics.json")
+    assert one.keys() == two.keys()
+    for key in ("train", "val"):
+        for name in ("accuracy", "loss"):
+            assert two[key][name] == pytest.approx(one[key][name], abs=1e-5), (key, name)
+    assert two["val"]["accuracy"] == one["val"]["accuracy"]  # counts are exact: 77 samples, each once
+
+
+def test_files_are_written_once_by_the_main_process(single, double):
+    def tree(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+    assert tree(double[0]) == tree(single)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_distributed_eval_counts_every_test_sample_exactly_once(workdir, single, params, raw, processes):
+    # 137 test samples, 16 per process per batch: never a multiple of processes x batch
+    out = workdir / f"eval{processes}"
+    cmd = [sys.executable] if processes == 1 else accelerate(processes)
+    proc = launch(
+        *cmd, EVALUATE, "--params", str(params), "--data", str(raw), "--model-dir", str(single / "models"),
+        "--out", str(out / "test.json"), "--confusion", str(out / "cm.json"), "--cpu-threads", "1", cwd=workdir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "test.json").read_text())
+    assert metrics["samples"] == 137
+    assert sum(map(sum, json.loads((out / "cm.json").read_text())["counts"])) == 137
+    if processes > 1:
+        reference = (workdir / "eval1" / "test.json").read_bytes()
+        assert (out / "test.json").read_bytes() == reference  # byte-identical metrics file
+
+
+def machine(rank: int, port: str, workdir: Path, args: list[str]) -> subprocess.Popen:
+    """One of two simulated machines (1 process each) joined over 127.0.0.1."""
+    cmd = ["accelerate", "launch", "--quiet", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+           "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+           "--num_cpu_threads_per_process", "1", TRAIN, *args]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=workdir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_machines_on_loopback_train_the_same_model(workdir, single, params, raw):
+    port = str(free_port())
+    out = workdir / "machines"
+    procs = [machine(rank, port, workdir, stage_args(out, params, raw)) for rank in (0, 1)]
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert "2 process(es) on cpu" in results[0][0] and "epoch" not in results[1][0]  # rank 1 prints nothing
+    assert max_weight_diff(single, out) <= WEIGHT_TOLERANCE
+
+
+def test_a_failing_rank_ends_the_whole_launch_quickly_with_its_error(workdir, params, raw):
+    # machine 1 lacks the data: its rank fails before the first collective; machine 0 must not hang
+    port = str(free_port())
+    out = workdir / "failing"
+    started = time.monotonic()
+    procs = [
+        machine(rank, port, workdir, stage_args(out, params, raw if rank == 0 else workdir / "no-data"))
+        for rank in (0, 1)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]  # the gloo default would wait 30 minutes
+    elapsed = time.monotonic() - started
+    assert procs[0].returncode != 0 and procs[1].returncode != 0
+    assert "no-data/train-images-idx3-ubyte is missing; run `dvc repro download`" in results[1][1]
+    assert not (out / "models").exists()
+    print(f"launch ended {elapsed:.1f}s after start")
+
+
+def test_batch_not_divisible_by_processes_is_refused_on_every_rank(workdir, raw, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {val_size: 77}\ntrain: {epochs: 1, batch_size: 41}\n")
+    proc = launch(*accelerate(2), TRAIN, *stage_args(tmp_path, params, raw), cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "error: train.batch_size (41) must be divisible by the number of processes (2)" in proc.stderr
+
+
+def test_torchrun_on_cpu_joins_one_group_instead_of_two_lone_rank_zeros(workdir, params, raw, tmp_path):
+    # the silent trap: without Accelerator(cpu=True), each process would train alone as rank 0
+    proc = launch(
+        "torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), TRAIN,
+        *stage_args(tmp_path, params, raw), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "2 process(es) on cpu" in proc.stdout and proc.stdout.count("epoch 1/2 ") == 1
+
+
+def test_world_size_without_a_launcher_is_refused_with_a_hint(workdir, params, raw, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *stage_args(tmp_path, params, raw)],
+        cwd=tmp_path, env={**env(), "WORLD_SIZE": "2", "RANK": "0"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: WORLD_SIZE=2")
+    assert "accelerate launch" in proc.stderr and "Traceback" not in proc.stderr
