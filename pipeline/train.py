@@ -20,7 +20,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate.utils import is_dvclive_available, set_seed  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipeline.data import (  # noqa: E402
@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     cfg = params.train
-    accelerator = make_accelerator(args.cpu_threads, log_with="dvclive")
+    # Without dvclive (a bare GPU image, say) training still runs; metrics are only printed.
+    live_available = is_dvclive_available()
+    accelerator = make_accelerator(args.cpu_threads, log_with="dvclive" if live_available else None)
     set_seed(cfg.seed)
 
     full = load_split(args.data, "train", params.data.subset)
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         config={k: v for k, v in _flat(as_dict(params)).items() if not k.startswith("download.")},
         init_kwargs={"dvclive": {"dir": args.live_dir, "save_dvc_exp": False, "dvcyaml": None}},
     )
+    if not live_available:
+        say(accelerator, "dvclive is not installed: per-epoch metrics are printed, not written")
     where = str(accelerator.device)
     if accelerator.device.type == "cpu":
         where += f" ({torch.get_num_threads()} threads)"
@@ -186,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        live = accelerator.get_tracker("dvclive", unwrap=True)
-        live.summary.update({"best_val_accuracy": best_val, "train_time_s": round(time.perf_counter() - start, 2)})
+        if live_available:
+            live = accelerator.get_tracker("dvclive", unwrap=True)
+            live.summary.update({"best_val_accuracy": best_val, "train_time_s": round(time.perf_counter() - start, 2)})
         save_artifact(
             accelerator.unwrap_model(model, keep_torch_compile=False),
             model_cfg,
