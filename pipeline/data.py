@@ -155,17 +155,18 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def rank_batches(
-    n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int
+    n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int, start: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (indices, flip) for this rank's share of each global batch of the epoch.
 
     Every global batch of ``batch_size`` is cut into ``world`` equal contiguous shards, so
-    the union over ranks is exactly the single-process batch.
+    the union over ranks is exactly the single-process batch. ``start`` skips the first
+    steps, for resuming mid-epoch in exactly the same order.
     """
     if batch_size % world:
         raise DataError(f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world})")
     local = batch_size // world
     order, flips = epoch_order(n, seed, epoch), flip_mask(n, seed, epoch)
-    for step in range(steps_per_epoch(n, batch_size)):
+    for step in range(start, steps_per_epoch(n, batch_size)):
         lo = step * batch_size + rank * local
         yield order[lo : lo + local], flips[lo : lo + local]

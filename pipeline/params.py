@@ -22,6 +22,7 @@ from pipeline.errors import ParamsError
 
 MODEL_NAMES = ("tutorial_cnn",)
 SCHEDULES = ("onecycle", "constant")
+FINAL_MODELS = ("last", "best")
 DEFAULT_SOURCES = (
     "/usr/share/datasets/fashion-mnist",
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -56,6 +57,9 @@ class TrainParams:
     hflip: bool = True  # random horizontal flip of training images
     seed: int = 42  # weights init, data order and augmentation
     eval_batch_size: int = 1000  # validation batch per process; no effect on results
+    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = at epoch ends only
+    keep_checkpoints: int = 2  # newest checkpoints kept in checkpoints/
+    final_model: str = "last"  # which weights become models/: last | best (by validation accuracy)
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,15 @@ def _check_ranges(p: Params) -> None:
         f"train.schedule {p.train.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}",
     )
     need(p.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {p.train.eval_batch_size}")
+    need(
+        p.train.checkpoint_every_steps >= 0,
+        f"train.checkpoint_every_steps must be >= 0 (0 = epoch ends only), got {p.train.checkpoint_every_steps}",
+    )
+    need(p.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {p.train.keep_checkpoints}")
+    need(
+        p.train.final_model in FINAL_MODELS,
+        f"train.final_model {p.train.final_model!r} is unknown; allowed: {', '.join(FINAL_MODELS)}",
+    )
     need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {p.evaluate.batch_size}")
 
 

@@ -16,13 +16,22 @@ if __name__ == "__main__" and not __package__:  # `python pipeline/train.py`: im
 import argparse  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import is_dvclive_available, set_seed  # noqa: E402
+from accelerate.utils import broadcast_object_list, is_dvclive_available, set_seed  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pipeline.checkpoint import (  # noqa: E402
+    Checkpoint,
+    TrainState,
+    clean_partial,
+    clear,
+    fingerprint,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
 from pipeline.data import (  # noqa: E402
     CLASSES,
     Split,
@@ -53,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="threads per process when running on CPU; 0 = the host's cores split across its processes "
         "(default: %(default)s). Results on CPU are bitwise reproducible for a fixed thread count.",
     )
+    p.add_argument(
+        "--checkpoint-dir", default="checkpoints", help="training state, resumed after a kill (default: %(default)s)"
+    )
+    p.add_argument("--fresh", action="store_true", help="ignore and remove existing checkpoints; start from scratch")
     return p.parse_args(argv)
 
 
@@ -65,52 +78,6 @@ def make_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-@dataclass
-class EpochStats:
-    loss: float
-    accuracy: float
-    samples: int
-
-
-def train_epoch(
-    accelerator: Accelerator,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train: Split,
-    cfg: TrainParams,
-    epoch: int,
-) -> EpochStats:
-    """One pass over this process's shard of every global batch; stats are summed over processes."""
-    model.train()
-    device = accelerator.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
-    batches = rank_batches(
-        len(train), cfg.batch_size, cfg.seed, epoch, accelerator.process_index, accelerator.num_processes
-    )
-    for idx, flip in batches:
-        idx = idx.to(device, non_blocking=True)
-        images, labels = train.images[idx], train.labels[idx]
-        if cfg.hflip:
-            images = batch_flip_lr(images, flip.to(device, non_blocking=True))
-        logits = model(to_input(images))
-        loss = nn.functional.cross_entropy(logits, labels)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            sums += torch.stack(
-                [
-                    loss.double() * len(idx),
-                    (logits.argmax(1) == labels).sum().double(),
-                    torch.tensor(len(idx), device=device, dtype=torch.float64),
-                ]
-            )
-    loss_sum, correct, samples = accelerator.reduce(sums, reduction="sum").tolist()
-    return EpochStats(loss=loss_sum / samples, accuracy=correct / samples, samples=int(samples))
-
-
 def check_sizes(params: Params, train: Split, world: int) -> None:
     """Stop before training when the batch cannot be split or is larger than the data."""
     b = params.train.batch_size
@@ -121,6 +88,130 @@ def check_sizes(params: Params, train: Split, world: int) -> None:
             f"train.batch_size ({b}) is larger than the {len(train)} training samples left after validation; "
             "lower it, or raise data.subset"
         )
+
+
+class Trainer:
+    """The training loop around one prepared model, with its checkpointable state."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train: Split,
+        cfg: TrainParams,
+        state: TrainState,
+        best: dict[str, torch.Tensor] | None,
+        checkpoint_dir: Path,
+    ) -> None:
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.train, self.cfg, self.state, self.checkpoint_dir = train, cfg, state, checkpoint_dir
+        self.best = best
+        self.device = accelerator.device
+        # loss sum, correct, samples of the current epoch; the main process carries the folded
+        # totals of all processes up to the last checkpoint, the others their own since then
+        own = state.sums if accelerator.is_main_process else [0.0, 0.0, 0.0]
+        self.sums = torch.tensor(own, dtype=torch.float64, device=self.device)
+
+    def fold_sums(self) -> list[float]:
+        """Sum the epoch statistics over processes; keep the total on the main process only.
+
+        Done at every checkpoint, in the uninterrupted run as in a resumed one, so both add
+        the same numbers in the same order.
+        """
+        total = self.accelerator.reduce(self.sums.clone(), reduction="sum")
+        self.sums.copy_(total if self.accelerator.is_main_process else torch.zeros_like(total))
+        return [float(x) for x in total.tolist()]
+
+    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
+        """Finish ``epoch`` from ``state.step``; returns (mean loss, accuracy, samples) over all processes."""
+        self.model.train()
+        acc, cfg = self.accelerator, self.cfg
+        batches = rank_batches(
+            len(self.train), cfg.batch_size, cfg.seed, epoch, acc.process_index, acc.num_processes, self.state.step
+        )
+        for idx, flip in batches:
+            idx = idx.to(self.device, non_blocking=True)
+            images, labels = self.train.images[idx], self.train.labels[idx]
+            if cfg.hflip:
+                images = batch_flip_lr(images, flip.to(self.device, non_blocking=True))
+            logits = self.model(to_input(images))
+            loss = nn.functional.cross_entropy(logits, labels)
+            acc.backward(loss)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                self.sums[0] += loss.double() * len(idx)
+                self.sums[1] += (logits.argmax(1) == labels).sum()
+                self.sums[2] += len(idx)
+            self.state.step += 1
+            self.state.global_step += 1
+            every = cfg.checkpoint_every_steps
+            if (
+                every
+                and self.state.global_step % every == 0
+                and self.state.step < steps_per_epoch(len(self.train), cfg.batch_size)
+            ):
+                self.save()
+        loss_sum, correct, samples = self.fold_sums()
+        self.sums.zero_()
+        return loss_sum / samples, correct / samples, int(samples)
+
+    def end_epoch(self, row: dict[str, float], val_accuracy: float) -> None:
+        """Record a finished epoch (and the best weights so far), then checkpoint it."""
+        st = self.state
+        if val_accuracy > st.best_val:
+            st.best_val, st.best_epoch = val_accuracy, st.epoch
+            if self.accelerator.is_main_process:
+                self.best = {k: v.detach().cpu().clone() for k, v in self.weights().items()}
+        st.history.append(row)
+        st.epoch, st.step = st.epoch + 1, 0
+        self.save(fold=False)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
+
+    def save(self, fold: bool = True) -> None:
+        """Checkpoint on the main process; every process takes part and waits for it."""
+        if fold:
+            self.state.sums = self.fold_sums()
+        else:
+            self.state.sums = [0.0, 0.0, 0.0]
+        if self.accelerator.is_main_process:
+            assert self.best is not None or self.state.best_epoch < 0
+            save_checkpoint(
+                self.checkpoint_dir,
+                self.state,
+                model=self.weights(),
+                best=self.best if self.best is not None else self.weights(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                keep=self.cfg.keep_checkpoints,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+def resume_or_start(
+    accelerator: Accelerator, checkpoint_dir: Path, fp: str, fresh: bool
+) -> tuple[Checkpoint | None, list[str]]:
+    """Pick the checkpoint to resume on the main process and send it to all (no shared disk needed)."""
+    found: list[object] = [None, []]
+    if accelerator.is_main_process:
+        clean_partial(checkpoint_dir)
+        if fresh:
+            if list_checkpoints(checkpoint_dir):
+                found[1] = [f"--fresh: ignoring and removing the checkpoints in {checkpoint_dir}"]
+            clear(checkpoint_dir)
+        else:
+            ckpt, notes = latest_checkpoint(checkpoint_dir, fp)
+            if ckpt is None and list_checkpoints(checkpoint_dir):
+                clear(checkpoint_dir)  # other params or all unreadable: never mix states
+            found = [ckpt, notes]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found, from_process=0)
+    return found[0], found[1]  # type: ignore[return-value]
 
 
 @cli
@@ -143,14 +234,35 @@ def main(argv: list[str] | None = None) -> int:
     steps = steps_per_epoch(len(train), cfg.batch_size)
     # Not prepared: Accelerate would step it once per process per step.
     scheduler = make_schedule(optimizer, cfg, cfg.epochs * steps)
+
+    checkpoint_dir = Path(args.checkpoint_dir)
+    ckpt, notes = resume_or_start(accelerator, checkpoint_dir, fingerprint(params), args.fresh)
+    for note in notes:
+        say(accelerator, note)
+    state = TrainState(fingerprint=fingerprint(params))
+    best = None
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        torch.set_rng_state(ckpt.rng)
+        state, best = ckpt.state, ckpt.best
+        if state.epoch >= cfg.epochs:
+            say(accelerator, f"training already complete in {ckpt.path}; writing its model (--fresh retrains)")
+        else:
+            say(accelerator, f"resuming from {ckpt.path} (epoch {state.epoch + 1}, step {state.step} of {steps})")
+
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, eval_loader(val, cfg.eval_batch_size))
     train = train.to(accelerator.device)  # the whole uint8 set lives on the device; batches are index slices
+    trainer = Trainer(accelerator, model, optimizer, scheduler, train, cfg, state, best, checkpoint_dir)
 
     accelerator.init_trackers(
         "fashion-mnist",
         config={k: v for k, v in _flat(as_dict(params)).items() if not k.startswith("download.")},
         init_kwargs={"dvclive": {"dir": args.live_dir, "save_dvc_exp": False, "dvcyaml": None}},
     )
+    for i, row in enumerate(state.history):  # a resumed run rewrites the epochs it did not see
+        accelerator.log(row, step=i)
     if not live_available:
         say(accelerator, "dvclive is not installed: per-epoch metrics are printed, not written")
     where = str(accelerator.device)
@@ -161,46 +273,65 @@ def main(argv: list[str] | None = None) -> int:
         f"train: {len(train)} samples, val: {len(val)}, {accelerator.num_processes} process(es) on {where}, "
         f"{steps} steps/epoch of {cfg.batch_size}, mixed precision: {accelerator.mixed_precision}",
     )
-    best_val, start = -1.0, time.perf_counter()
-    for epoch in range(cfg.epochs):
+    start = time.perf_counter()
+    for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
-        stats = train_epoch(accelerator, model, optimizer, scheduler, train, cfg, epoch)
+        first_step = state.step
+        loss, accuracy, samples = trainer.train_epoch(epoch)
         train_time = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise DataError(f"training diverged at epoch {epoch + 1} (loss {loss}); lower train.lr")
         preds, labels, losses = predict(accelerator, model, val_loader)
         report = classification_report(confusion_matrix(preds, labels, len(CLASSES)), CLASSES)
         val_loss = float(losses.double().mean())
-        best_val = max(best_val, report["accuracy"])
+        local = (steps - first_step) * cfg.batch_size  # samples this run trained in this epoch
         row = {
-            "train/loss": round(stats.loss, 6),
-            "train/accuracy": round(stats.accuracy, 6),
+            "train/loss": round(loss, 6),
+            "train/accuracy": round(accuracy, 6),
             "val/loss": round(val_loss, 6),
             "val/accuracy": report["accuracy"],
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": round(time.perf_counter() - t0, 3),
-            "samples_per_s": round(stats.samples / train_time, 1),
+            "samples_per_s": round(local / train_time, 1),
         }
         accelerator.log(row, step=epoch)
         say(
             accelerator,
-            f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
+            f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss:.4f} acc {accuracy:.4f}  "
             f"val loss {val_loss:.4f} acc {report['accuracy']:.4f}  {row['samples_per_s']:.0f} samples/s",
         )
-        if not math.isfinite(stats.loss):
-            raise DataError(f"training diverged at epoch {epoch + 1} (loss {stats.loss}); lower train.lr")
+        trainer.end_epoch(row, report["accuracy"])
 
     accelerator.wait_for_everyone()
+    use_best = cfg.final_model == "best"
+    final_epoch = state.best_epoch if use_best else cfg.epochs - 1
+    final_val = state.best_val if use_best else state.history[-1]["val/accuracy"]
     if accelerator.is_main_process:
+        final = trainer.best if use_best and trainer.best is not None else trainer.weights()
         if live_available:
             live = accelerator.get_tracker("dvclive", unwrap=True)
-            live.summary.update({"best_val_accuracy": best_val, "train_time_s": round(time.perf_counter() - start, 2)})
+            live.summary.update(
+                {
+                    "best_val_accuracy": state.best_val,
+                    "final_model": cfg.final_model,
+                    "final_model_epoch": final_epoch + 1,
+                    "final_model_val_accuracy": final_val,
+                }
+            )
+        out = build_model(model_cfg)
+        out.load_state_dict(final)
         save_artifact(
-            accelerator.unwrap_model(model, keep_torch_compile=False),
+            out,
             model_cfg,
             args.model_dir,
-            extra={"epochs": cfg.epochs, "val_accuracy": report["accuracy"]},
+            extra={"final_model": cfg.final_model, "epoch": final_epoch + 1, "val_accuracy": final_val},
         )
     accelerator.end_training()
-    say(accelerator, f"model written to {args.model_dir}/; best val accuracy {best_val:.4f}")
+    say(
+        accelerator,
+        f"model written to {args.model_dir}/ ({cfg.final_model}: epoch {final_epoch + 1}, "
+        f"val accuracy {final_val:.4f}) in {time.perf_counter() - start:.1f}s",
+    )
     return 0
 
 

@@ -50,8 +50,8 @@ def accelerate(n: int, *extra: str) -> list[str]:
 
 
 def stage_args(out: Path, params: Path, raw: Path) -> list[str]:
-    return ["--params", str(params), "--data", str(raw), "--model-dir", str(out / "models"),
-            "--live-dir", str(out / "live"), "--cpu-threads", "1"]  # fmt: skip
+    return ["--params", str(params), "--data", str(raw), "--model-dir", str(out / "models"), "--live-dir",
+            str(out / "live"), "--checkpoint-dir", str(out / "checkpoints"), "--cpu-threads", "1"]  # fmt: skip
 
 
 def untimed(path: Path) -> dict:

@@ -115,6 +115,7 @@ def test_exp_run_with_a_new_lr_shows_in_metrics_and_params_diff(repo):
 def test_repro_honours_the_accelerate_config_file_and_keeps_the_answer(repo):
     before = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
     config = str(repo / "scripts" / "accelerate" / "cpu-2proc.yaml")
+    shutil.rmtree(repo / "checkpoints")  # or the forced run would just re-export the finished checkpoint
     out = sh(repo, "dvc", "repro", "--force", "--single-item", "train", ACCELERATE_CONFIG_FILE=config).stdout
     assert "2 process(es) on cpu" in out
     after = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())

@@ -14,6 +14,7 @@ def run_train(tmp_path, params, *extra):
             "--data", str(tmp_path / "data" / "raw"),
             "--model-dir", str(tmp_path / "models"),
             "--live-dir", str(tmp_path / "live"),
+            "--checkpoint-dir", str(tmp_path / "checkpoints"),
             *extra,
         ]
     )  # fmt: skip
@@ -23,7 +24,7 @@ def test_training_writes_artifact_and_one_metrics_row_per_epoch(tmp_path, tiny_r
     monkeypatch.chdir(tmp_path)
     assert run_train(tmp_path, write_params({"train": {"epochs": 3}})) == 0
     meta = json.loads((tmp_path / "models" / "model.json").read_text())
-    assert meta["model"]["name"] == "tutorial_cnn" and meta["epochs"] == 3
+    assert meta["model"]["name"] == "tutorial_cnn" and meta["epoch"] == 3 and meta["final_model"] == "last"
     assert load_file(str(tmp_path / "models" / "model.safetensors"))
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["step"] == 2
@@ -45,7 +46,7 @@ def test_same_seed_gives_bitwise_identical_weights(tmp_path, tiny_raw, write_par
     params = write_params()
     run_train(tmp_path, params)
     first = load_file(str(tmp_path / "models" / "model.safetensors"))
-    run_train(tmp_path, params)
+    run_train(tmp_path, params, "--fresh")
     second = load_file(str(tmp_path / "models" / "model.safetensors"))
     assert all((first[k] == second[k]).all() for k in first)
 
