@@ -112,6 +112,32 @@ def test_exp_run_with_a_new_lr_shows_in_metrics_and_params_diff(repo):
     assert (lr["old"], lr["new"]) == (0.004, 0.003)
 
 
+def test_exp_apply_restores_the_model_behind_each_experiments_metrics(repo, tmp_path):
+    experiments = {"lr-high": "0.008", "lr-low": "0.001"}
+    for name, lr in experiments.items():
+        sh(repo, "dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}")
+    weights = {}
+    for name in experiments:
+        sh(repo, "dvc", "exp", "apply", name)
+        recorded = (repo / "metrics" / "test.json").read_bytes()
+        weights[name] = (repo / "models" / "model.safetensors").read_bytes()
+        out = tmp_path / f"{name}.json"
+        sh(repo, sys.executable, "-m", "pipeline.evaluate", "--out", str(out), "--confusion", str(tmp_path / "cm.json"))
+        assert out.read_bytes() == recorded  # the restored model reproduces that experiment's metrics exactly
+    assert weights["lr-high"] != weights["lr-low"]
+
+
+def test_a_registered_model_version_downloads_with_dvc_artifacts_get(repo, tmp_path):
+    sh(repo, "git", "tag", "-a", "fashion-cnn@v1.0.0", "-m", "register the baseline model")  # GTO's tag format
+    sh(repo, "dvc", "artifacts", "get", str(repo), "fashion-cnn", "-o", str(tmp_path / "got"))
+    assert sorted(p.name for p in (tmp_path / "got").iterdir()) == ["model.json", "model.safetensors"]
+    out = tmp_path / "test.json"
+    sh(repo, sys.executable, "-m", "pipeline.evaluate", "--model-dir", str(tmp_path / "got"), "--out", str(out),
+       "--confusion", str(tmp_path / "cm.json"))  # fmt: skip
+    registered = sh(repo, "git", "show", "fashion-cnn@v1.0.0:metrics/test.json").stdout
+    assert out.read_text() == registered  # it is the model whose metrics that version recorded
+
+
 def test_repro_honours_the_accelerate_config_file_and_keeps_the_answer(repo):
     before = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
     config = str(repo / "scripts" / "accelerate" / "cpu-2proc.yaml")
