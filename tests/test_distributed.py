@@ -102,6 +102,8 @@ def double(workdir, params, raw) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def test_two_processes_train_the_same_model_as_one(single, double):
+    keys = load_file(str(double[0] / "models" / "model.safetensors")).keys()
+    assert not [k for k in keys if k.startswith(("module.", "_orig_mod."))]  # DDP wrapper removed
     diff = max_weight_diff(single, double[0])
     print(f"max |w1 - w2| = {diff:.3g}")
     assert diff <= WEIGHT_TOLERANCE

@@ -77,3 +77,16 @@ def test_corrupt_weights_are_reported(tmp_path):
     (tmp_path / "m" / WEIGHTS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(ModelArtifactError, match="are unreadable"):
         load_artifact(tmp_path / "m")
+
+
+def test_compiled_model_unwraps_to_plain_keys_for_the_artifact(tmp_path):
+    from pipeline.runtime import make_accelerator
+
+    accelerator = make_accelerator()
+    compiled = torch.compile(build_model(ModelConfig()))  # lazy: nothing is compiled here
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    prepared = accelerator.prepare(compiled)
+    save_artifact(accelerator.unwrap_model(prepared, keep_torch_compile=False), ModelConfig(), tmp_path / "m")
+    keys = load_file(str(tmp_path / "m" / WEIGHTS_FILE)).keys()
+    assert keys == build_model(ModelConfig()).state_dict().keys()
+    load_artifact(tmp_path / "m")  # strict load: no missing or unexpected keys

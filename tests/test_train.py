@@ -80,3 +80,25 @@ def test_missing_data_says_run_download(tmp_path, write_params, monkeypatch, cap
     with pytest.raises(SystemExit):
         run_train(tmp_path, write_params())
     assert "is missing; run `dvc repro download`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("choice", ["best", "last"])
+def test_final_model_choice_is_recorded_in_artifact_and_metrics(tmp_path, tiny_raw, write_params, monkeypatch, choice):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, write_params({"train": {"epochs": 3, "final_model": choice}}))
+    meta = json.loads((tmp_path / "models" / "model.json").read_text())
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert meta["final_model"] == metrics["final_model"] == choice
+    assert meta["epoch"] == metrics["final_model_epoch"]
+    assert meta["val_accuracy"] == metrics["final_model_val_accuracy"]
+    if choice == "best":
+        assert meta["val_accuracy"] == metrics["best_val_accuracy"]
+    else:
+        assert meta["epoch"] == 3 and meta["val_accuracy"] == metrics["val"]["accuracy"]
+
+
+def test_bad_checkpoint_params_are_refused(tmp_path, tiny_raw, write_params, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, write_params({"train": {"final_model": "median"}}))
+    assert "train.final_model 'median' is unknown; allowed: last, best" in capsys.readouterr().err
