@@ -3,7 +3,9 @@
 Also runs under ``accelerate launch``: every test sample is counted exactly once.
 Reads only ``data.subset`` and ``evaluate`` from params.yaml; the model comes
 from its artifact alone. Writes overall and per-class test accuracy and loss
-(a DVC metrics file) and the confusion matrix counts.
+(a DVC metrics file) and, in ``--eval-dir``, what `dvc plots` shows: the confusion
+matrix (counts, and one row per sample), per-class accuracy, and a grid of
+misclassified test images.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 from pipeline.data import CLASSES, load_split  # noqa: E402
 from pipeline.errors import cli  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
-from pipeline.model import load_artifact  # noqa: E402
+from pipeline.model import artifact_info, load_artifact  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.runtime import eval_loader, make_accelerator, predict, say  # noqa: E402
+from pipeline.plots import label_grid, misclassified, write_per_class_csv, write_predictions_csv  # noqa: E402
+from pipeline.runtime import eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-dir", default="models", help="model artifact folder (default: %(default)s)")
     p.add_argument("--out", default="metrics/test.json", help="metrics JSON to write (default: %(default)s)")
     p.add_argument(
-        "--confusion", default="eval/confusion.json", help="confusion matrix counts to write (default: %(default)s)"
+        "--eval-dir",
+        default="eval",
+        help="confusion.json, predictions.csv, per_class.csv and misclassified.png go here (default: %(default)s)",
     )
     p.add_argument(
         "--cpu-threads",
@@ -46,25 +53,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_json(path: str | Path, obj: object) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same folder, then rename)."""
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call ``write`` on a temp file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_json(path: str | Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
+    start = time.perf_counter()
     accelerator = make_accelerator(args.cpu_threads)
     model, model_cfg = load_artifact(args.model_dir)
     test = load_split(args.data, "test", params.data.subset)
@@ -81,17 +93,32 @@ def main(argv: list[str] | None = None) -> int:
         "per_class_accuracy": report["per_class_accuracy"],
     }
     if accelerator.is_main_process:
+        eval_dir = Path(args.eval_dir)
         write_json(args.out, metrics)
         write_json(
-            args.confusion,
+            eval_dir / "confusion.json",
             {"classes": list(CLASSES), "rows": "true class", "columns": "predicted class", "counts": cm.tolist()},
         )
+        atomic_write(eval_dir / "predictions.csv", lambda p: write_predictions_csv(p, labels, preds, CLASSES))
+        atomic_write(eval_dir / "per_class.csv", lambda p: write_per_class_csv(p, report["per_class_accuracy"]))
+        grid = label_grid(*misclassified(test.images, labels, preds, CLASSES))
+        atomic_write(eval_dir / "misclassified.png", lambda p: grid.save(p, format="PNG"))
+        info = artifact_info(args.model_dir)
         worst = sorted(report["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
         say(
             accelerator,
-            f"test accuracy {metrics['accuracy']:.4f} loss {metrics['loss']:.4f} on {metrics['samples']} samples; "
-            "worst classes: " + ", ".join(f"{k} {v:.3f}" for k, v in worst),
-        )
+            summary_table(
+                [
+                    ("model", f"{args.model_dir}/ ({model_cfg.name}, {info.get('final_model', '?')} weights of "
+                              f"epoch {info.get('epoch', '?')}, val accuracy {info.get('val_accuracy', '?')})"),
+                    ("test accuracy", f"{metrics['accuracy']:.4f} (loss {metrics['loss']:.4f}, "
+                                      f"{metrics['samples']} samples)"),
+                    ("worst classes", ", ".join(f"{k} {v:.3f}" for k, v in worst)),
+                    ("time", f"{time.perf_counter() - start:.1f}s"),
+                    ("artifacts", f"{args.out}; {eval_dir}/ (confusion, per-class, misclassified.png)"),
+                ]
+            ),
+        )  # fmt: skip
     accelerator.wait_for_everyone()
     return 0
 

@@ -145,6 +145,12 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     return cfg
 
 
+def artifact_info(model_dir: str | Path) -> dict:
+    """The artifact's JSON (architecture plus what training recorded: final_model, epoch, val_accuracy)."""
+    load_config(model_dir)  # validates
+    return dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+
+
 def load_artifact(model_dir: str | Path) -> tuple[nn.Module, ModelConfig]:
     """Rebuild the model from ``model_dir`` alone (no pickle: safetensors + JSON)."""
     cfg = load_config(model_dir)

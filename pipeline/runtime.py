@@ -62,9 +62,16 @@ def say(accelerator: Accelerator, message: str) -> None:
         print(message, flush=True)
 
 
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns under a title, for the end of a stage."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["summary"] + [f"  {k.ljust(width)}  {v}" for k, v in rows])
+
+
 def eval_loader(split: Split, batch_size: int) -> DataLoader:
-    """A loader over ``split`` in its stored order; prepare it so each process gets a shard."""
-    return DataLoader(TensorDataset(split.images, split.labels), batch_size=batch_size, shuffle=False)
+    """A loader over ``split`` (with sample indices) in its stored order; prepare it so each process gets a shard."""
+    dataset = TensorDataset(torch.arange(len(split)), split.images, split.labels)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 @torch.no_grad()
@@ -72,15 +79,18 @@ def predict(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> t
     """Predicted classes, true labels and per-sample losses for every sample exactly once.
 
     ``loader`` must be prepared; ``gather_for_metrics`` drops the duplicates that pad
-    the last batch across processes. Returns CPU tensors (preds, labels, losses).
+    the last batch across processes. Returns CPU tensors (preds, labels, losses) in the
+    split's own order, whatever the number of processes.
     """
     model.eval()
-    preds, labels, losses = [], [], []
-    for images, y in loader:
+    index, preds, labels, losses = [], [], [], []
+    for i, images, y in loader:
         logits = model(to_input(images))
         loss = nn.functional.cross_entropy(logits.float(), y, reduction="none")
-        p, y, loss = accelerator.gather_for_metrics((logits.argmax(dim=1), y, loss))
+        i, p, y, loss = accelerator.gather_for_metrics((i, logits.argmax(dim=1), y, loss))
+        index.append(i.cpu())
         preds.append(p.cpu())
         labels.append(y.cpu())
         losses.append(loss.cpu())
-    return torch.cat(preds), torch.cat(labels), torch.cat(losses)
+    order = torch.cat(index).argsort()
+    return torch.cat(preds)[order], torch.cat(labels)[order], torch.cat(losses)[order]

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import broadcast_object_list, is_dvclive_available, set_seed  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from pipeline.checkpoint import (  # noqa: E402
     Checkpoint,
@@ -46,7 +47,8 @@ from pipeline.errors import DataError, cli  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
 from pipeline.model import ModelConfig, build_model, save_artifact  # noqa: E402
 from pipeline.params import Params, TrainParams, as_dict, load_params  # noqa: E402
-from pipeline.runtime import eval_loader, make_accelerator, predict, say  # noqa: E402
+from pipeline.plots import first_of_each_class, label_grid  # noqa: E402
+from pipeline.runtime import eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -131,6 +133,16 @@ class Trainer:
         batches = rank_batches(
             len(self.train), cfg.batch_size, cfg.seed, epoch, acc.process_index, acc.num_processes, self.state.step
         )
+        steps = steps_per_epoch(len(self.train), cfg.batch_size)
+        bar = tqdm(  # a terminal gets a live bar; logs (CI, dvc repro > file) get the one line per epoch
+            total=steps * cfg.batch_size,
+            initial=self.state.step * cfg.batch_size,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="sample",
+            unit_scale=True,
+            leave=False,
+            disable=not (acc.is_main_process and sys.stderr.isatty()),
+        )
         for idx, flip in batches:
             idx = idx.to(self.device, non_blocking=True)
             images, labels = self.train.images[idx], self.train.labels[idx]
@@ -148,13 +160,14 @@ class Trainer:
                 self.sums[2] += len(idx)
             self.state.step += 1
             self.state.global_step += 1
+            if not bar.disable:
+                bar.update(cfg.batch_size)
+                if self.state.step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             every = cfg.checkpoint_every_steps
-            if (
-                every
-                and self.state.global_step % every == 0
-                and self.state.step < steps_per_epoch(len(self.train), cfg.batch_size)
-            ):
+            if every and self.state.global_step % every == 0 and self.state.step < steps:
                 self.save()
+        bar.close()
         loss_sum, correct, samples = self.fold_sums()
         self.sums.zero_()
         return loss_sum / samples, correct / samples, int(samples)
@@ -261,10 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         config={k: v for k, v in _flat(as_dict(params)).items() if not k.startswith("download.")},
         init_kwargs={"dvclive": {"dir": args.live_dir, "save_dvc_exp": False, "dvcyaml": None}},
     )
-    for i, row in enumerate(state.history):  # a resumed run rewrites the epochs it did not see
+    for i, row in enumerate(state.history, start=1):  # a resumed run rewrites the epochs it did not see
         accelerator.log(row, step=i)
     if not live_available:
         say(accelerator, "dvclive is not installed: per-epoch metrics are printed, not written")
+    elif accelerator.is_main_process:
+        picks = first_of_each_class(full.images, full.labels, per_class=4)
+        grid = label_grid(full.images[picks], [CLASSES[int(k)] for k in full.labels[picks]], cols=8)
+        accelerator.get_tracker("dvclive", unwrap=True).log_image("train_samples.png", grid)
     where = str(accelerator.device)
     if accelerator.device.type == "cpu":
         where += f" ({torch.get_num_threads()} threads)"
@@ -294,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "epoch_time_s": round(time.perf_counter() - t0, 3),
             "samples_per_s": round(local / train_time, 1),
         }
-        accelerator.log(row, step=epoch)
+        accelerator.log(row, step=epoch + 1)  # DVCLive's step is the epoch, counted from 1
         say(
             accelerator,
             f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss:.4f} acc {accuracy:.4f}  "
@@ -329,9 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.end_training()
     say(
         accelerator,
-        f"model written to {args.model_dir}/ ({cfg.final_model}: epoch {final_epoch + 1}, "
-        f"val accuracy {final_val:.4f}) in {time.perf_counter() - start:.1f}s",
-    )
+        summary_table(
+            [
+                ("best val accuracy", f"{state.best_val:.4f} (epoch {state.best_epoch + 1})"),
+                ("model", f"{args.model_dir}/ ({cfg.final_model} weights: epoch {final_epoch + 1}, "
+                          f"val accuracy {final_val:.4f})"),
+                ("time", f"{time.perf_counter() - start:.1f}s in this run"),
+                ("artifacts", f"{args.model_dir}/, {args.live_dir}/ (metrics, curves, train_samples.png), "
+                              f"{args.checkpoint_dir}/"),
+                ("next", "dvc repro evaluate (test accuracy), dvc plots show"),
+            ]
+        ),
+    )  # fmt: skip
     return 0
 
 

@@ -18,7 +18,7 @@ for mp in no bf16; do
   accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision "$mp" --dynamo_backend no \
     pipeline/train.py --model-dir "$dir/models" --live-dir "$dir/live" 2>&1 | tee "$dir/train.log"
   end=$(date +%s.%N)
-  python pipeline/evaluate.py --model-dir "$dir/models" --out "$dir/test.json" --confusion "$dir/confusion.json" \
+  python pipeline/evaluate.py --model-dir "$dir/models" --out "$dir/test.json" --eval-dir "$dir/eval" \
     2>&1 | tee "$dir/evaluate.log"
   python - "$dir" "$start" "$end" "$mp" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys

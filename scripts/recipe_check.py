@@ -60,7 +60,7 @@ def main() -> int:
             subprocess.run(
                 [sys.executable, "-m", "pipeline.evaluate", "--params", str(params), "--data", args.data,
                  "--model-dir", str(out / "models"), "--out", str(out / "test.json"),
-                 "--confusion", str(out / "cm.json")],
+                 "--eval-dir", str(out / "eval")],
                 cwd=ROOT, check=True,
             )  # fmt: skip
             test = json.loads((out / "test.json").read_text())

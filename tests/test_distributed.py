@@ -138,12 +138,12 @@ def test_distributed_eval_counts_every_test_sample_exactly_once(workdir, single,
     cmd = [sys.executable] if processes == 1 else accelerate(processes)
     proc = launch(
         *cmd, EVALUATE, "--params", str(params), "--data", str(raw), "--model-dir", str(single / "models"),
-        "--out", str(out / "test.json"), "--confusion", str(out / "cm.json"), "--cpu-threads", "1", cwd=workdir,
+        "--out", str(out / "test.json"), "--eval-dir", str(out / "eval"), "--cpu-threads", "1", cwd=workdir,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "test.json").read_text())
     assert metrics["samples"] == 137
-    assert sum(map(sum, json.loads((out / "cm.json").read_text())["counts"])) == 137
+    assert sum(map(sum, json.loads((out / "eval" / "confusion.json").read_text())["counts"])) == 137
     if processes > 1:
         reference = (workdir / "eval1" / "test.json").read_bytes()
         assert (out / "test.json").read_bytes() == reference  # byte-identical metrics file

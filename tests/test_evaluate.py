@@ -23,7 +23,7 @@ def run_eval(tmp_path, params, artifact):
             "--data", str(tmp_path / "data" / "raw"),
             "--model-dir", str(artifact),
             "--out", str(tmp_path / "metrics" / "test.json"),
-            "--confusion", str(tmp_path / "eval" / "confusion.json"),
+            "--eval-dir", str(tmp_path / "eval"),
         ]
     )  # fmt: skip
 

@@ -77,7 +77,7 @@ def test_repro_runs_all_stages_and_writes_declared_metrics(repo):
     cm = json.loads((repo / "eval" / "confusion.json").read_text())["counts"]
     assert sum(map(sum, cm)) == 600
     train = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
-    assert train["step"] == 1 and "accuracy" in train["val"]
+    assert train["step"] == 2 and "accuracy" in train["val"]
     assert sorted(p.name for p in (repo / "data" / "raw").iterdir()) == [
         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
     ]  # fmt: skip
@@ -90,6 +90,54 @@ def test_second_repro_does_nothing(repo):
     out = sh(repo, "dvc", "repro").stdout
     assert "Running stage" not in out
     assert "Data and pipelines are up to date" in out
+
+
+PLOT_TITLES = ("Loss by epoch", "Accuracy by epoch", "Test confusion matrix", "Test accuracy by class")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless, and with every network route closed: a page that needs a CDN renders nothing here.
+OFFLINE_CHROMIUM = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=20000", "--window-size=1280,2400",
+]  # fmt: skip
+
+
+def test_plots_show_draws_every_plot_from_a_page_with_no_cdn(repo, tmp_path):
+    outputs = ["eval/predictions.csv", "eval/per_class.csv", "eval/misclassified.png",
+               "dvclive/train/plots/images/train_samples.png", "dvclive/train/plots/metrics/val/loss.tsv"]  # fmt: skip
+    for path in outputs:
+        assert (repo / path).is_file(), path
+    sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    for title in PLOT_TITLES:
+        assert title in html, title
+    assert "misclassified.png" in html and "train_samples.png" in html
+    assert "<script src=" not in html and "cdn.jsdelivr" not in html  # Vega is inline (.dvc/plots/offline.html)
+
+
+def test_plots_page_renders_in_headless_chromium_with_networking_off(repo, tmp_path):
+    if not CHROMIUM:
+        if os.environ.get("CI"):
+            pytest.fail("CI must render the plots: apt-get install chromium")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    url = (tmp_path / "plots" / "index.html").as_uri()
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run([CHROMIUM, *OFFLINE_CHROMIUM, *profile, "--dump-dom", url], capture_output=True,
+                         text=True, timeout=120).stdout  # fmt: skip
+    assert dom.count('class="marks"') >= len(PLOT_TITLES)  # Vega drew each chart (DVC embeds them as SVG)
+    assert dom.count("<img") >= 2  # the two image grids
+    shot = tmp_path / "plots.png"
+    subprocess.run([CHROMIUM, *OFFLINE_CHROMIUM, *profile, f"--screenshot={shot}", url], capture_output=True,
+                   timeout=120)  # fmt: skip
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        grey = im.convert("L").resize((320, 600))
+    ink = sum(1 for v in grey.tobytes() if v < 200) / (320 * 600)
+    assert ink > 0.03, f"the screenshot is nearly blank ({ink:.1%} ink)"
+    if os.environ.get("PLOTS_SCREENSHOT"):  # keep it to look at
+        shutil.copy(shot, os.environ["PLOTS_SCREENSHOT"])
 
 
 def test_changing_a_train_param_reruns_train_and_evaluate_only(repo):
@@ -122,7 +170,7 @@ def test_exp_apply_restores_the_model_behind_each_experiments_metrics(repo, tmp_
         recorded = (repo / "metrics" / "test.json").read_bytes()
         weights[name] = (repo / "models" / "model.safetensors").read_bytes()
         out = tmp_path / f"{name}.json"
-        sh(repo, sys.executable, "-m", "pipeline.evaluate", "--out", str(out), "--confusion", str(tmp_path / "cm.json"))
+        sh(repo, sys.executable, "-m", "pipeline.evaluate", "--out", str(out), "--eval-dir", str(tmp_path / "eval"))
         assert out.read_bytes() == recorded  # the restored model reproduces that experiment's metrics exactly
     assert weights["lr-high"] != weights["lr-low"]
 
@@ -133,7 +181,7 @@ def test_a_registered_model_version_downloads_with_dvc_artifacts_get(repo, tmp_p
     assert sorted(p.name for p in (tmp_path / "got").iterdir()) == ["model.json", "model.safetensors"]
     out = tmp_path / "test.json"
     sh(repo, sys.executable, "-m", "pipeline.evaluate", "--model-dir", str(tmp_path / "got"), "--out", str(out),
-       "--confusion", str(tmp_path / "cm.json"))  # fmt: skip
+       "--eval-dir", str(tmp_path / "eval"))  # fmt: skip
     registered = sh(repo, "git", "show", "fashion-cnn@v1.0.0:metrics/test.json").stdout
     assert out.read_text() == registered  # it is the model whose metrics that version recorded
 

@@ -27,7 +27,7 @@ def test_training_writes_artifact_and_one_metrics_row_per_epoch(tmp_path, tiny_r
     assert meta["model"]["name"] == "tutorial_cnn" and meta["epoch"] == 3 and meta["final_model"] == "last"
     assert load_file(str(tmp_path / "models" / "model.safetensors"))
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
-    assert metrics["step"] == 2
+    assert metrics["step"] == 3  # DVCLive steps are epochs counted from 1
     assert {"loss", "accuracy"} <= metrics["train"].keys() and {"loss", "accuracy"} <= metrics["val"].keys()
     assert 0.0 <= metrics["best_val_accuracy"] <= 1.0
     rows = (tmp_path / "live" / "plots" / "metrics" / "val" / "accuracy.tsv").read_text().splitlines()
@@ -102,3 +102,31 @@ def test_bad_checkpoint_params_are_refused(tmp_path, tiny_raw, write_params, mon
     with pytest.raises(SystemExit):
         run_train(tmp_path, write_params({"train": {"final_model": "median"}}))
     assert "train.final_model 'median' is unknown; allowed: last, best" in capsys.readouterr().err
+
+
+def test_output_without_a_terminal_is_one_line_per_epoch_then_a_summary(
+    tmp_path, tiny_raw, write_params, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, write_params({"train": {"epochs": 3}}))
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/3", "2/3", "3/3"]
+    assert "\r" not in captured.out + captured.err  # no progress bar redraws in logs
+    summary = lines[lines.index("summary") :]
+    assert [row.split("  ")[1].strip() for row in summary[1:]] == [
+        "best val accuracy",
+        "model",
+        "time",
+        "artifacts",
+        "next",
+    ]
+
+
+def test_training_logs_a_sample_grid_of_the_training_data(tmp_path, tiny_raw, write_params, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, write_params())
+    with Image.open(tmp_path / "live" / "plots" / "images" / "train_samples.png") as im:
+        assert im.width > 200 and im.height > 100  # 40 labelled tiles, 8 per row
