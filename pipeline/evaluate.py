@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             summary_table(
                 [
                     ("model", f"{args.model_dir}/ ({model_cfg.name}, {info.get('final_model', '?')} weights of "
-                              f"epoch {info.get('epoch', '?')}, val accuracy {info.get('val_accuracy', '?')})"),
+                              f"epoch {info.get('epoch', '?')}, "
+                              f"val accuracy {info.get('val_accuracy', float('nan')):.4f})"),
                     ("test accuracy", f"{metrics['accuracy']:.4f} (loss {metrics['loss']:.4f}, "
                                       f"{metrics['samples']} samples)"),
                     ("worst classes", ", ".join(f"{k} {v:.3f}" for k, v in worst)),

@@ -175,6 +175,16 @@ def test_exp_apply_restores_the_model_behind_each_experiments_metrics(repo, tmp_
     assert weights["lr-high"] != weights["lr-low"]
 
 
+def test_plots_diff_of_two_experiments_overlays_curves_and_shows_both_confusion_matrices(repo):
+    shown = json.loads(sh(repo, "dvc", "plots", "diff", "lr-high", "lr-low", "--json").stdout)["data"]
+    for title in PLOT_TITLES:
+        assert set(shown[title][0]["revisions"]) == {"lr-high", "lr-low"}, title
+    curve_revs = {row["rev"] for row in shown["Loss by epoch"][0]["content"]["data"]["values"]}
+    assert curve_revs == {"lr-high", "lr-low"}  # one chart, both experiments' curves
+    images = [item for key, items in shown.items() if key.endswith("misclassified.png") for item in items]
+    assert {rev for item in images for rev in item["revisions"]} == {"lr-high", "lr-low"}
+
+
 def test_a_registered_model_version_downloads_with_dvc_artifacts_get(repo, tmp_path):
     sh(repo, "git", "tag", "-a", "fashion-cnn@v1.0.0", "-m", "register the baseline model")  # GTO's tag format
     sh(repo, "dvc", "artifacts", "get", str(repo), "fashion-cnn", "-o", str(tmp_path / "got"))
