@@ -55,6 +55,7 @@ class TrainParams:
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay
     schedule: str = "onecycle"
     hflip: bool = True  # random horizontal flip of training images
+    channels_last: bool = True  # NHWC memory layout for the convolutions (speed only; rounding differs)
     seed: int = 42  # weights init, data order and augmentation
     eval_batch_size: int = 1000  # validation batch per process; no effect on results
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = at epoch ends only

@@ -148,7 +148,10 @@ class Trainer:
             images, labels = self.train.images[idx], self.train.labels[idx]
             if cfg.hflip:
                 images = batch_flip_lr(images, flip.to(self.device, non_blocking=True))
-            logits = self.model(to_input(images))
+            inputs = to_input(images)
+            if cfg.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            logits = self.model(inputs)
             loss = nn.functional.cross_entropy(logits, labels)
             acc.backward(loss)
             self.optimizer.step()
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_cfg = ModelConfig(name=params.model.name)
     model = build_model(model_cfg)
+    if cfg.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and on GPU tensor cores
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = steps_per_epoch(len(train), cfg.batch_size)
     # Not prepared: Accelerate would step it once per process per step.
