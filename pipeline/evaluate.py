@@ -29,26 +29,18 @@ from pipeline.metrics import classification_report, confusion_matrix  # noqa: E4
 from pipeline.model import artifact_info, load_artifact  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.plots import label_grid, misclassified, write_per_class_csv, write_predictions_csv  # noqa: E402
-from pipeline.runtime import eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
+from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate the trained model on the Fashion-MNIST test set.")
-    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    p.add_argument("--data", default="data/raw", help="folder with the four IDX files (default: %(default)s)")
+    add_common_args(p)
     p.add_argument("--model-dir", default="models", help="model artifact folder (default: %(default)s)")
     p.add_argument("--out", default="metrics/test.json", help="metrics JSON to write (default: %(default)s)")
     p.add_argument(
         "--eval-dir",
         default="eval",
         help="confusion.json, predictions.csv, per_class.csv and misclassified.png go here (default: %(default)s)",
-    )
-    p.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=0,
-        help="threads per process when running on CPU; 0 = the host's cores split across its processes "
-        "(default: %(default)s). Results on CPU are bitwise reproducible for a fixed thread count.",
     )
     return p.parse_args(argv)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
@@ -12,6 +13,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.data import Split, to_input
 from pipeline.errors import PipelineError
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The arguments every stage that runs a model shares: params file, data folder, CPU threads."""
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--data", default="data/raw", help="folder with the four IDX files (default: %(default)s)")
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="threads per process when running on CPU; 0 = the host's cores split across its processes "
+        "(default: %(default)s). Results on CPU are bitwise reproducible for a fixed thread count.",
+    )
 
 
 def cpu_threads_for(requested: int, cpu_count: int | None, local_processes: int) -> int:

@@ -48,22 +48,14 @@ from pipeline.metrics import classification_report, confusion_matrix  # noqa: E4
 from pipeline.model import ModelConfig, build_model, save_artifact  # noqa: E402
 from pipeline.params import Params, TrainParams, as_dict, load_params  # noqa: E402
 from pipeline.plots import first_of_each_class, label_grid  # noqa: E402
-from pipeline.runtime import eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
+from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the Fashion-MNIST CNN with Hugging Face Accelerate.")
-    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    p.add_argument("--data", default="data/raw", help="folder with the four IDX files (default: %(default)s)")
+    add_common_args(p)
     p.add_argument("--model-dir", default="models", help="where the model artifact goes (default: %(default)s)")
     p.add_argument("--live-dir", default="dvclive/train", help="DVCLive metrics and plots (default: %(default)s)")
-    p.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=0,
-        help="threads per process when running on CPU; 0 = the host's cores split across its processes "
-        "(default: %(default)s). Results on CPU are bitwise reproducible for a fixed thread count.",
-    )
     p.add_argument(
         "--checkpoint-dir", default="checkpoints", help="training state, resumed after a kill (default: %(default)s)"
     )

@@ -174,15 +174,19 @@ def main() -> int:
     base = rows.get("seed", {}).get("samples_per_s")
     for r in rows.values():
         r["ratio_vs_seed"] = round(r["samples_per_s"] / base, 1) if base else None
+    cpuinfo = Path("/proc/cpuinfo")
+    model_names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                   if line.startswith("model name")] if cpuinfo.exists() else []  # fmt: skip
     machine = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": model_names[0] if model_names else platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "samples_timed": samples,
     }
-    print(f"\n{machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']}, {samples} samples per variant\n")
+    print(f"\n{machine['device']} ({machine['processor']}, {machine['cpus']} CPUs), torch {machine['torch']}, "
+          f"{samples} samples per variant\n")  # fmt: skip
     print("| variant | samples/s | × seed | peak RSS (MB) |")
     print("|---|---:|---:|---:|")
     for name, r in rows.items():

@@ -16,7 +16,8 @@ for mp in no bf16; do
   mkdir -p "$dir"
   start=$(date +%s.%N)
   accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision "$mp" --dynamo_backend no \
-    pipeline/train.py --model-dir "$dir/models" --live-dir "$dir/live" 2>&1 | tee "$dir/train.log"
+    pipeline/train.py --model-dir "$dir/models" --live-dir "$dir/live" --checkpoint-dir "$dir/checkpoints" \
+    2>&1 | tee "$dir/train.log"
   end=$(date +%s.%N)
   python pipeline/evaluate.py --model-dir "$dir/models" --out "$dir/test.json" --eval-dir "$dir/eval" \
     2>&1 | tee "$dir/evaluate.log"

@@ -53,7 +53,8 @@ def main() -> int:
             t0 = time.perf_counter()
             subprocess.run(
                 [sys.executable, "-m", "pipeline.train", "--params", str(params), "--data", args.data,
-                 "--model-dir", str(out / "models"), "--live-dir", str(out / "live")],
+                 "--model-dir", str(out / "models"), "--live-dir", str(out / "live"),
+                 "--checkpoint-dir", str(out / "checkpoints")],
                 cwd=ROOT, check=True,
             )  # fmt: skip
             train_s = time.perf_counter() - t0
