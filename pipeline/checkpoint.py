@@ -60,7 +60,7 @@ class Checkpoint:
 def fingerprint(params: Params) -> str:
     """Hash of the params that shape training; checkpoints only resume under the same one."""
     shaping = {
-        "data": {k: v for k, v in as_dict(params.data).items()},
+        "data": as_dict(params.data),
         "model": as_dict(params.model),
         "train": {
             k: v
