@@ -6,7 +6,9 @@ Each variant runs in its own process (so peak memory is its own) on the same mac
   ``ToTensor`` + ``Normalize``, ``DataLoader(batch_size=32, shuffle=True, num_workers=2)``,
   its CNN (flatten fixed), Adam 1e-3;
 - ``pipeline``: this project's train stage (``pipeline/train.py``) at the default recipe;
-- ``pipeline-bf16``: the same under ``--mixed_precision bf16``.
+- ``pipeline-nchw``: the same without ``train.channels_last``, to show what that option is worth;
+- ``pipeline-bf16``: the default recipe under ``--mixed_precision bf16``;
+- ``pipeline-bf16-b512``: bf16 with a global batch of 512.
 
 Each trains on the same ``--samples`` training images (one pass, after a short warm-up)
 and reports samples/s, the ratio to ``seed``, and peak RSS (plus peak GPU memory on a
@@ -27,7 +29,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("seed", "pipeline", "pipeline-bf16")
+# name -> (train params overrides, mixed precision); "seed" is the tutorial loop, not the pipeline
+PIPELINE_VARIANTS: dict[str, tuple[dict, str]] = {
+    "pipeline": ({}, "no"),
+    "pipeline-nchw": ({"channels_last": False}, "no"),
+    "pipeline-bf16": ({}, "bf16"),
+    "pipeline-bf16-b512": ({"batch_size": 512, "lr": 0.004}, "bf16"),
+}
+VARIANTS = ("seed", *PIPELINE_VARIANTS)
 
 
 def parse_args() -> argparse.Namespace:
@@ -112,7 +121,7 @@ def run_seed(data: Path, samples: int) -> dict:
     return {"samples": seen, "seconds": round(elapsed, 2), "samples_per_s": round(seen / elapsed, 1)}
 
 
-def run_pipeline(data: Path, samples: int, mixed_precision: str) -> dict:
+def run_pipeline(data: Path, samples: int, overrides: dict, mixed_precision: str) -> dict:
     """This project's train stage on ``samples`` images (one epoch), read back from its own metrics."""
     import yaml
 
@@ -120,7 +129,7 @@ def run_pipeline(data: Path, samples: int, mixed_precision: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         params["data"].update(subset=samples + val, val_size=val)
-        params["train"].update(epochs=1)
+        params["train"].update(epochs=1, **overrides)
         path = Path(tmp) / "params.yaml"
         path.write_text(yaml.safe_dump(params))
         env = {**os.environ, "ACCELERATE_MIXED_PRECISION": mixed_precision}
@@ -148,7 +157,7 @@ def run_variant(name: str, data: Path, samples: int) -> dict:
         result = run_seed(data, samples)
         result.update(peak_memory())
     else:
-        result = run_pipeline(data, samples, "bf16" if name.endswith("bf16") else "no")
+        result = run_pipeline(data, samples, *PIPELINE_VARIANTS[name])
     return result
 
 
