@@ -22,7 +22,8 @@ def test_quick_benchmark_reports_every_variant_against_the_seed_loop(tmp_path):
     results = json.loads(out.read_text())
     assert set(results["results"]) == {"seed", "pipeline", "pipeline-nchw", "pipeline-bf16", "pipeline-bf16-b512"}
     for row in results["results"].values():
-        assert row["samples_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["samples"] >= 1536  # whole global batches of up to 512
+        assert row["samples_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["samples"] >= 1536  # whole global batches of up to 512 out of 2,000
     assert results["results"]["seed"]["ratio_vs_seed"] == 1.0
     assert results["machine"]["torch"] and "| pipeline |" in proc.stdout
 
