@@ -143,11 +143,10 @@ def file_is_verified(path: Path, sha256: str, size: int) -> bool:
 
 def fetch_file(
     name: str, sha256: str, size: int, sources: Iterable[str], out_dir: Path, tmp_dir: Path, timeout: float
-) -> list[str]:
+) -> None:
     """Put a verified ``out_dir/name`` in place from the first source that works.
 
-    Returns the failure reasons of the sources tried before it; raises DownloadError with
-    one line per source when none works.
+    Raises DownloadError with one line per source when none works.
     """
     failures: list[str] = []
     for source in sources:
@@ -173,7 +172,7 @@ def fetch_file(
             continue
         os.replace(tmp, out_dir / name)
         print(f"download: {name} from {where}: {size} bytes, sha256 verified", flush=True)
-        return failures
+        return
     raise DownloadError(f"no source provided {name}:\n" + "\n".join(f"  {f}" for f in failures))
 
 
