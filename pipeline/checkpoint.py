@@ -57,15 +57,19 @@ class Checkpoint:
     rng: torch.Tensor
 
 
-def fingerprint(params: Params) -> str:
-    """Hash of the params that shape training; checkpoints only resume under the same one."""
+def fingerprint(params: Params, mixed_precision: str = "no") -> str:
+    """Hash of the params that shape training, with the precision in force (the launcher may set it).
+
+    Checkpoints only resume under the same one.
+    """
     shaping = {
+        "mixed_precision": mixed_precision,
         "data": as_dict(params.data),
         "model": as_dict(params.model),
         "train": {
             k: v
             for k, v in as_dict(params.train).items()
-            if k not in ("eval_batch_size", "checkpoint_every_steps", "keep_checkpoints")
+            if k not in ("eval_batch_size", "checkpoint_every_steps", "keep_checkpoints", "mixed_precision")
         },
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]

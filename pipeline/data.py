@@ -144,9 +144,42 @@ def flip_mask(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.rand(n, generator=g) < 0.5
 
 
+def shift_offsets(n: int, seed: int, epoch: int, max_shift: int) -> torch.Tensor:
+    """(n, 2) random (dy, dx) translations in ``[-max_shift, max_shift]`` per position of the epoch's order.
+
+    Its own generator, so the flips (and everything else) stay the same when translation is turned on.
+    """
+    if max_shift == 0:
+        return torch.zeros(n, 2, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 104_729 * 100_003)
+    return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=g)
+
+
 def batch_flip_lr(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Flip the images whose ``mask`` entry is True along the width axis (B, H, W)."""
     return torch.where(mask[:, None, None], images.flip(-1), images)
+
+
+def batch_translate(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Move each image (B, H, W) by its (dy, dx) in ``shifts`` (B, 2), filling with zeros; one gather.
+
+    ``|dy|, |dx| <= max_shift``. A positive dy moves the content down, a positive dx to the right.
+    """
+    if max_shift == 0:
+        return images
+    b, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)  # (B, H + 2m, W + 2m), zero border
+    rows = max_shift - shifts[:, 0, None] + torch.arange(h, device=images.device)  # (B, H) source rows
+    cols = max_shift - shifts[:, 1, None] + torch.arange(w, device=images.device)  # (B, W) source cols
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def augment(images: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, hflip: bool, max_shift: int) -> torch.Tensor:
+    """The training augmentation of one batch (B, H, W) on its own device: flip, then translate."""
+    if hflip:
+        images = batch_flip_lr(images, flip)
+    return batch_translate(images, shift, max_shift)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -155,9 +188,9 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def rank_batches(
-    n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int, start: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (indices, flip) for this rank's share of each global batch of the epoch.
+    n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int, start: int = 0, max_shift: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (indices, flip, shift) for this rank's share of each global batch of the epoch.
 
     Every global batch of ``batch_size`` is cut into ``world`` equal contiguous shards, so
     the union over ranks is exactly the single-process batch. ``start`` skips the first
@@ -167,6 +200,7 @@ def rank_batches(
         raise DataError(f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world})")
     local = batch_size // world
     order, flips = epoch_order(n, seed, epoch), flip_mask(n, seed, epoch)
+    shifts = shift_offsets(n, seed, epoch, max_shift)
     for step in range(start, steps_per_epoch(n, batch_size)):
         lo = step * batch_size + rank * local
-        yield order[lo : lo + local], flips[lo : lo + local]
+        yield order[lo : lo + local], flips[lo : lo + local], shifts[lo : lo + local]

@@ -20,8 +20,10 @@ import yaml
 
 from pipeline.errors import ParamsError
 
-MODEL_NAMES = ("tutorial_cnn",)
+MODEL_NAMES = ("tutorial_cnn", "bn_cnn")
 SCHEDULES = ("onecycle", "constant")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+OPTIMIZER_IMPLS = ("auto", "for_loop", "foreach", "fused")
 FINAL_MODELS = ("last", "best")
 DEFAULT_SOURCES = (
     "/usr/share/datasets/fashion-mnist",
@@ -55,6 +57,12 @@ class TrainParams:
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay
     schedule: str = "onecycle"
     hflip: bool = True  # random horizontal flip of training images
+    translate: int = 0  # random shift of each training image by up to N pixels in x and y (0 = off)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing, in [0, 1)
+    mixed_precision: str = "auto"  # auto (the launcher's setting) | no | bf16 | fp16
+    compile: bool = False  # torch.compile the model (inductor)
+    optimizer_impl: str = "auto"  # AdamW kernels: auto (torch's pick) | for_loop | foreach | fused
+    cudnn_benchmark: bool = False  # let cuDNN time and pick conv algorithms (GPU only; not bitwise reproducible)
     channels_last: bool = True  # NHWC memory layout for the convolutions (speed only; rounding differs)
     seed: int = 42  # weights init, data order and augmentation
     eval_batch_size: int = 1000  # validation batch per process; no effect on results
@@ -168,6 +176,22 @@ def _check_ranges(p: Params) -> None:
     need(
         p.train.schedule in SCHEDULES,
         f"train.schedule {p.train.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}",
+    )
+    need(
+        0 <= p.train.translate <= 8,
+        f"train.translate must be 0 (off) to 8 pixels, got {p.train.translate}",
+    )
+    need(
+        0 <= p.train.label_smoothing < 1,
+        f"train.label_smoothing must be in [0, 1), got {p.train.label_smoothing}",
+    )
+    need(
+        p.train.mixed_precision in MIXED_PRECISIONS,
+        f"train.mixed_precision {p.train.mixed_precision!r} is unknown; allowed: {', '.join(MIXED_PRECISIONS)}",
+    )
+    need(
+        p.train.optimizer_impl in OPTIMIZER_IMPLS,
+        f"train.optimizer_impl {p.train.optimizer_impl!r} is unknown; allowed: {', '.join(OPTIMIZER_IMPLS)}",
     )
     need(p.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {p.train.eval_batch_size}")
     need(

@@ -57,7 +57,7 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
         if accelerator.mixed_precision == "fp16":
             raise PipelineError(
                 "fp16 mixed precision needs a GPU (on CPU it would silently run in fp32); "
-                "use --mixed_precision bf16 or no"
+                "set train.mixed_precision (or accelerate's --mixed_precision) to bf16 or no"
             )
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(cpu_threads_for(cpu_threads, os.cpu_count(), local))

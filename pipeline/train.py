@@ -19,7 +19,12 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import broadcast_object_list, is_dvclive_available, set_seed  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    TorchDynamoPlugin,
+    broadcast_object_list,
+    is_dvclive_available,
+    set_seed,
+)
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -36,7 +41,7 @@ from pipeline.checkpoint import (  # noqa: E402
 from pipeline.data import (  # noqa: E402
     CLASSES,
     Split,
-    batch_flip_lr,
+    augment,
     load_split,
     rank_batches,
     steps_per_epoch,
@@ -70,6 +75,24 @@ def make_schedule(
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
+    """AdamW with the kernels ``cfg.optimizer_impl`` asks for (auto: torch's own choice per device)."""
+    impl = cfg.optimizer_impl
+    foreach = {"for_loop": False, "foreach": True}.get(impl)  # None: torch decides
+    fused = True if impl == "fused" else None
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused)
+
+
+def accelerator_options(cfg: TrainParams) -> dict:
+    """Accelerator keyword arguments from the train params (``auto`` precision leaves it to the launcher)."""
+    options: dict = {}
+    if cfg.mixed_precision != "auto":
+        options["mixed_precision"] = cfg.mixed_precision
+    if cfg.compile:
+        options["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor")
+    return options
 
 
 def check_sizes(params: Params, train: Split, world: int) -> None:
@@ -123,7 +146,14 @@ class Trainer:
         self.model.train()
         acc, cfg = self.accelerator, self.cfg
         batches = rank_batches(
-            len(self.train), cfg.batch_size, cfg.seed, epoch, acc.process_index, acc.num_processes, self.state.step
+            len(self.train),
+            cfg.batch_size,
+            cfg.seed,
+            epoch,
+            acc.process_index,
+            acc.num_processes,
+            self.state.step,
+            max_shift=cfg.translate,
         )
         steps = steps_per_epoch(len(self.train), cfg.batch_size)
         bar = tqdm(  # a terminal gets a live bar; logs (CI, dvc repro > file) get the one line per epoch
@@ -135,16 +165,16 @@ class Trainer:
             leave=False,
             disable=not (acc.is_main_process and sys.stderr.isatty()),
         )
-        for idx, flip in batches:
+        for idx, flip, shift in batches:
             idx = idx.to(self.device, non_blocking=True)
             images, labels = self.train.images[idx], self.train.labels[idx]
-            if cfg.hflip:
-                images = batch_flip_lr(images, flip.to(self.device, non_blocking=True))
+            flip, shift = flip.to(self.device, non_blocking=True), shift.to(self.device, non_blocking=True)
+            images = augment(images, flip, shift, cfg.hflip, cfg.translate)
             inputs = to_input(images)
             if cfg.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             logits = self.model(inputs)
-            loss = nn.functional.cross_entropy(logits, labels)
+            loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             acc.backward(loss)
             self.optimizer.step()
             self.scheduler.step()
@@ -229,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = params.train
     # Without dvclive (a bare GPU image, say) training still runs; metrics are only printed.
     live_available = is_dvclive_available()
-    accelerator = make_accelerator(args.cpu_threads, log_with="dvclive" if live_available else None)
+    accelerator = make_accelerator(
+        args.cpu_threads, log_with="dvclive" if live_available else None, **accelerator_options(cfg)
+    )
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     set_seed(cfg.seed)
 
     full = load_split(args.data, "train", params.data.subset)
@@ -238,18 +272,21 @@ def main(argv: list[str] | None = None) -> int:
 
     model_cfg = ModelConfig(name=params.model.name)
     model = build_model(model_cfg)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     if cfg.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and on GPU tensor cores
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     steps = steps_per_epoch(len(train), cfg.batch_size)
     # Not prepared: Accelerate would step it once per process per step.
     scheduler = make_schedule(optimizer, cfg, cfg.epochs * steps)
 
     checkpoint_dir = Path(args.checkpoint_dir)
-    ckpt, notes = resume_or_start(accelerator, checkpoint_dir, fingerprint(params), args.fresh)
+    fp = fingerprint(params, accelerator.mixed_precision)
+    ckpt, notes = resume_or_start(accelerator, checkpoint_dir, fp, args.fresh)
     for note in notes:
         say(accelerator, note)
-    state = TrainState(fingerprint=fingerprint(params))
+    state = TrainState(fingerprint=fp)
     best = None
     if ckpt is not None:
         model.load_state_dict(ckpt.model)

@@ -66,11 +66,16 @@ def write_params(tmp_path: Path):
     return write
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Accelerate keeps process state in singletons; each test starts clean."""
-    yield
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons (precision, device), as a new process would."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process state in singletons; each test starts clean."""
+    yield
+    reset_accelerate_state()

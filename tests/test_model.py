@@ -8,6 +8,7 @@ from pipeline.errors import ModelArtifactError
 from pipeline.model import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    BnCNN,
     ModelConfig,
     TutorialCNN,
     build_model,
@@ -25,6 +26,23 @@ def test_tutorial_cnn_flatten_size_is_computed_for_28px_input():
 def test_tutorial_cnn_maps_a_batch_to_ten_logits():
     model = build_model(ModelConfig())
     assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_bn_cnn_maps_a_batch_to_ten_logits_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="bn_cnn")
+    model = build_model(cfg)
+    assert isinstance(model, BnCNN) and model.flat_features == 4 * BnCNN.width * 3 * 3
+    assert all(float(m.running_mean.abs().sum()) == 0 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    model(torch.rand(8, 1, 28, 28)).sum().backward()  # one training-mode batch moves the running stats
+    model.eval()
+    save_artifact(model, cfg, tmp_path / "m")
+    loaded, loaded_cfg = load_artifact(tmp_path / "m")
+    x = torch.rand(3, 1, 28, 28)
+    assert loaded_cfg == cfg
+    assert float(loaded.features[1].running_mean.abs().sum()) > 0
+    loaded.eval()
+    assert torch.equal(loaded(x), model(x))  # running statistics travel with the weights
 
 
 def test_flatten_follows_the_image_size():

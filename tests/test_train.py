@@ -5,6 +5,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pipeline.train import main
+from tests.conftest import reset_accelerate_state
 
 
 def run_train(tmp_path, params, *extra):
@@ -141,3 +142,51 @@ def test_channels_last_trains_the_same_model_up_to_rounding(tmp_path, tiny_raw, 
     diff = max((weights[True][k] - weights[False][k]).abs().max().item() for k in weights[True])
     assert 0 <= diff < 1e-4  # layout changes summation order, not the math
     assert all(t.is_contiguous() for t in weights[True].values())  # the artifact is stored in the standard layout
+
+
+def test_speed_options_train_the_same_model_up_to_rounding(tmp_path, tiny_raw, write_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    weights = {}
+    for impl in ("for_loop", "foreach", "fused"):
+        run_train(tmp_path, write_params({"train": {"optimizer_impl": impl}}), "--fresh")
+        weights[impl] = load_file(str(tmp_path / "models" / "model.safetensors"))
+    for impl in ("foreach", "fused"):
+        diff = max((weights[impl][k] - weights["for_loop"][k]).abs().max().item() for k in weights[impl])
+        assert diff < 1e-4, impl
+
+
+def test_beyond_model_trains_with_translation_smoothing_and_bf16(tmp_path, tiny_raw, write_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides = {"model": {"name": "bn_cnn"}}
+    overrides["train"] = {"epochs": 4, "translate": 2, "label_smoothing": 0.1, "mixed_precision": "bf16"}
+    assert run_train(tmp_path, write_params(overrides)) == 0
+    meta = json.loads((tmp_path / "models" / "model.json").read_text())
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    params = (tmp_path / "live" / "params.yaml").read_text()
+    assert meta["model"]["name"] == "bn_cnn" and "running_mean" in " ".join(
+        load_file(str(tmp_path / "models" / "model.safetensors"))
+    )
+    assert "mixed_precision: bf16" in params and "translate: 2" in params
+    assert metrics["best_val_accuracy"] > 0.3  # learns (chance is 0.1)
+
+
+def test_changing_precision_does_not_resume_the_other_precisions_checkpoint(
+    tmp_path, tiny_raw, write_params, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, write_params({"train": {"mixed_precision": "no"}}))
+    capsys.readouterr()
+    reset_accelerate_state()
+    run_train(tmp_path, write_params({"train": {"mixed_precision": "bf16"}}))
+    out = capsys.readouterr().out
+    assert "made with other training params" in out and "mixed precision: bf16" in out
+
+
+def test_fp16_on_cpu_is_refused_with_one_line(tmp_path, tiny_raw, write_params, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        run_train(tmp_path, write_params({"train": {"mixed_precision": "fp16"}}))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1
+    assert "fp16 mixed precision needs a GPU" in err and "train.mixed_precision" in err
+    assert not (tmp_path / "models").exists()
