@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                     "final_model_val_accuracy": final_val,
                 }
             )
+            if accelerator.device.type == "cuda":
+                live.summary["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         out = build_model(model_cfg)
         out.load_state_dict(final)
         save_artifact(

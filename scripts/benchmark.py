@@ -1,23 +1,31 @@
-"""Training throughput against the seed tutorial's loop, in one run: ``python scripts/benchmark.py [--quick]``.
+"""Speed and time-to-accuracy against the seed tutorial's loop, in one run: ``python scripts/benchmark.py [--quick]``.
 
-Each variant runs in its own process (so peak memory is its own) on the same machine:
+Two parts, each variant in its own process (so peak memory is its own), on the same machine:
+
+**throughput** (``--samples`` training images per epoch, 2 epochs, the second one timed):
 
 - ``seed``: the tutorial's loop, faithfully: torchvision ``FashionMNIST`` with PIL images,
   ``ToTensor`` + ``Normalize``, ``DataLoader(batch_size=32, shuffle=True, num_workers=2)``,
   its CNN (flatten fixed), Adam 1e-3;
-- ``pipeline``: this project's train stage (``pipeline/train.py``) at the default recipe;
-- ``pipeline-nchw``: the same without ``train.channels_last``, to show what that option is worth;
-- ``pipeline-bf16``: the default recipe under ``--mixed_precision bf16``;
-- ``pipeline-bf16-b512``: bf16 with a global batch of 512.
+- ``default``: this project's train stage (``pipeline/train.py``) at params.yaml's recipe;
+- one row per speed option on top of it: ``nchw`` (channels_last off), ``bf16``, ``foreach``
+  and ``fused`` AdamW kernels, ``compile`` (torch.compile; its first epoch pays the compile),
+  ``bf16-b512`` (bf16 at a global batch of 512), and on a GPU ``cudnn-benchmark``.
 
-Each trains on the same ``--samples`` training images (one pass, after a short warm-up)
-and reports samples/s, the ratio to ``seed``, and peak RSS (plus peak GPU memory on a
-GPU). Results go to ``--out`` as JSON and to stdout as a Markdown table.
+**time to accuracy** (full data, whole recipes, test accuracy after every epoch, evaluation
+not timed): the seed loop for its 10 epochs, then the ``default``, ``fast`` and ``beyond``
+recipes (``recipes/*.yaml`` on top of params.yaml). Reports the training time until the test
+accuracy first reaches each ``--targets`` value, the final accuracy, and ratios to the seed
+loop (a ``>`` ratio when the seed loop never reached the target: its whole run is the bound).
+
+Also profiles the device data path (index, flip, translate, to float) against the measured
+step time. Results go to ``--out`` as JSON and to stdout as Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -29,40 +37,87 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# name -> (train params overrides, mixed precision); "seed" is the tutorial loop, not the pipeline
-PIPELINE_VARIANTS: dict[str, tuple[dict, str]] = {
-    "pipeline": ({}, "no"),
-    "pipeline-nchw": ({"channels_last": False}, "no"),
-    "pipeline-bf16": ({}, "bf16"),
-    "pipeline-bf16-b512": ({"batch_size": 512, "lr": 0.004}, "bf16"),
+sys.path.insert(0, str(ROOT))
+
+# throughput rows on top of the default recipe: name -> train overrides
+OPTIONS: dict[str, dict] = {
+    "default": {},
+    "nchw": {"channels_last": False},
+    "bf16": {"mixed_precision": "bf16"},
+    "foreach": {"optimizer_impl": "foreach"},
+    "fused": {"optimizer_impl": "fused"},
+    "compile": {"compile": True},
+    "bf16-b512": {"mixed_precision": "bf16", "batch_size": 512, "lr": 0.004},
+    "cudnn-benchmark": {"cudnn_benchmark": True},  # GPU only
 }
-VARIANTS = ("seed", *PIPELINE_VARIANTS)
+GPU_ONLY = {"cudnn-benchmark"}
+RECIPES = ("default", "fast", "beyond")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / "data" / "raw"), help="IDX folder (default: %(default)s)")
     p.add_argument(
-        "--samples", type=int, default=20_000, help="training samples timed per variant (default: %(default)s)"
+        "--samples", type=int, default=20_000, help="training samples per timed epoch (default: %(default)s)"
     )
-    p.add_argument("--quick", action="store_true", help="2,000 samples per variant: a smoke run for CI")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to run")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run for CI: 2,000 samples per throughput epoch; recipes on 2,500 train / 1,000 test "
+        "samples for at most 2 epochs",
+    )
+    p.add_argument("--parts", nargs="+", choices=("throughput", "accuracy"), default=["throughput", "accuracy"])
+    p.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), help="throughput rows")
+    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="time-to-accuracy rows")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.91], help="test accuracies to time")
+    p.add_argument("--seed", type=int, default=0, help="train.seed for every pipeline run (default: %(default)s)")
     p.add_argument("--out", default=None, help="write results as JSON here")
-    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run one variant here
+    p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one variant in this process
     return p.parse_args()
 
 
 def peak_memory() -> dict[str, float]:
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    """This process's peak RSS and its children's (the train stage), plus peak GPU memory."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out = {"peak_rss_mb": round(max(own, children) / 1024, 1)}
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
-def run_seed(data: Path, samples: int) -> dict:
-    """The tutorial's training loop, timed over ``samples`` images after a warm-up."""
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def accuracy_on(model, images, labels) -> float:  # type: ignore[no-untyped-def]
+    """Accuracy of ``model`` on float inputs ``images`` (N, 1, 28, 28) on its device."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        correct = sum(
+            int((model(images[i : i + 1000]).argmax(1) == labels[i : i + 1000]).sum())
+            for i in range(0, len(labels), 1000)
+        )
+    model.train()
+    return correct / len(labels)
+
+
+# --- the seed tutorial's loop ------------------------------------------------------------------
+
+
+def run_seed(data: Path, train_samples: int, epochs: int, test_samples: int, time_only: int = 0) -> dict:
+    """The tutorial's loop over the first ``train_samples`` images (0 = all) for ``epochs``.
+
+    ``time_only`` > 0: a throughput run that times ``time_only`` samples after a 20-batch warm-up.
+    Otherwise the test accuracy is measured after every epoch (not timed).
+    """
     import torch
     import torch.nn.functional as F  # noqa: N812 - the tutorial's spelling
     from torch import nn
@@ -95,115 +150,315 @@ def run_seed(data: Path, samples: int) -> dict:
             (raw / f.name).symlink_to(f.resolve())
         tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
         trainset = datasets.FashionMNIST(tmp, train=True, download=False, transform=tf)
-        warmup = 20 * 32
-        subset = Subset(trainset, range(min(len(trainset), samples + warmup)))
-        loader = DataLoader(subset, batch_size=32, shuffle=True, num_workers=2)
+        testset = datasets.FashionMNIST(tmp, train=False, download=False, transform=tf)
+        n = len(trainset) if not train_samples else min(len(trainset), train_samples)
+        if time_only:
+            n = min(len(trainset), time_only + 20 * 32)
+        loader = DataLoader(Subset(trainset, range(n)), batch_size=32, shuffle=True, num_workers=2)
+        test_n = min(len(testset), test_samples) if test_samples else len(testset)
+        test_x = torch.stack([testset[i][0] for i in range(test_n)]).to(device)
+        test_y = torch.tensor([testset[i][1] for i in range(test_n)], device=device)
         torch.manual_seed(0)
         net = Net().to(device)
         criterion = nn.CrossEntropyLoss()
         optimizer = torch.optim.Adam(net.parameters(), lr=0.001)
-        seen, start = 0, None
-        for i, (inputs, labels) in enumerate(loader):
-            if i == 20:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start, seen = time.perf_counter(), 0
-            inputs, labels = inputs.to(device), labels.to(device)
-            optimizer.zero_grad()
-            loss = criterion(net(inputs), labels)
-            loss.backward()
-            optimizer.step()
-            seen += len(labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        assert start is not None, "too few samples to time"
-        elapsed = time.perf_counter() - start
-    return {"samples": seen, "seconds": round(elapsed, 2), "samples_per_s": round(seen / elapsed, 1)}
+        seen, train_s, curve = 0, 0.0, []
+        for _ in range(1 if time_only else epochs):
+            sync()
+            t0 = time.perf_counter()  # includes starting the DataLoader's workers, as the tutorial does
+            for i, (inputs, labels) in enumerate(loader):
+                if time_only and i == 20:  # warm-up over: time from here
+                    sync()
+                    t0, seen = time.perf_counter(), 0
+                inputs, labels = inputs.to(device), labels.to(device)
+                optimizer.zero_grad()
+                loss = criterion(net(inputs), labels)
+                loss.backward()
+                optimizer.step()
+                seen += len(labels)
+            sync()
+            train_s += time.perf_counter() - t0
+            if not time_only:
+                curve.append({"train_s": round(train_s, 2), "test_accuracy": accuracy_on(net, test_x, test_y)})
+    out = {"samples": seen, "train_s": round(train_s, 2), "samples_per_s": round(seen / train_s, 1)}
+    if not time_only:
+        out["samples_per_s"] = round(epochs * n / train_s, 1)
+        out["curve"] = curve
+    return out
 
 
-def run_pipeline(data: Path, samples: int, overrides: dict, mixed_precision: str) -> dict:
-    """This project's train stage on ``samples`` images (one epoch), read back from its own metrics."""
+# --- this pipeline's train stage ---------------------------------------------------------------
+
+
+def recipe_params(recipe: str) -> dict:
+    """params.yaml with ``recipes/<recipe>.yaml`` merged on top (``default``: params.yaml as is)."""
     import yaml
 
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if recipe != "default":
+        for section, values in (yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text()) or {}).items():
+            params[section].update(values)
+    return params
+
+
+def train_stage(params: dict, data: Path, tmp: Path) -> Path:
+    """Run ``pipeline/train.py`` on ``params`` in a fresh process; returns its output folder."""
+    import yaml
+
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, str(ROOT / "pipeline" / "train.py"), "--params", str(path), "--data", str(data),
+           "--model-dir", str(tmp / "m"), "--live-dir", str(tmp / "live"),
+           "--checkpoint-dir", str(tmp / "c")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}  # params decide, not the shell
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"train stage failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-2500:]}")
+    return tmp
+
+
+def epoch_rates(live: Path) -> list[float]:
+    """Training samples/s of each epoch, from the stage's DVCLive curve."""
+    with (live / "plots" / "metrics" / "samples_per_s.tsv").open() as f:
+        return [float(row["samples_per_s"]) for row in csv.DictReader(f, delimiter="\t")]
+
+
+def run_option(data: Path, samples: int, overrides: dict, seed: int) -> dict:
+    """Two epochs of ``samples`` training images under one speed option; the second epoch is timed."""
+    params = recipe_params("default")
     val = 500
+    params["data"].update(subset=samples + val, val_size=val)
+    params["train"].update(epochs=2, seed=seed, **overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["data"].update(subset=samples + val, val_size=val)
-        params["train"].update(epochs=1, **overrides)
-        path = Path(tmp) / "params.yaml"
-        path.write_text(yaml.safe_dump(params))
-        env = {**os.environ, "ACCELERATE_MIXED_PRECISION": mixed_precision}
-        cmd = [sys.executable, str(ROOT / "pipeline" / "train.py"), "--params", str(path), "--data", str(data),
-               "--model-dir", f"{tmp}/m", "--live-dir", f"{tmp}/live", "--checkpoint-dir", f"{tmp}/c"]  # fmt: skip
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode:
-            raise SystemExit(f"pipeline run failed:\n{proc.stderr[-2000:]}")
-        live = json.loads((Path(tmp) / "live" / "metrics.json").read_text())
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    steps_samples = (samples // params["train"]["batch_size"]) * params["train"]["batch_size"]
+        out = train_stage(params, data, Path(tmp))
+        rates = epoch_rates(out / "live")
+        live = json.loads((out / "live" / "metrics.json").read_text())
+    batch = params["train"]["batch_size"]
     return {
-        "samples": steps_samples,
-        "seconds": round(steps_samples / live["samples_per_s"], 2),
-        "samples_per_s": live["samples_per_s"],
-        "process_wall_s": round(wall, 1),
-        "peak_rss_mb": round(rss, 1),
+        "samples": (samples // batch) * batch,
+        "samples_per_s": rates[-1],
+        "first_epoch_samples_per_s": rates[0],
+        **({"peak_gpu_mb": live["peak_gpu_memory_mb"]} if "peak_gpu_memory_mb" in live else {}),
     }
 
 
-def run_variant(name: str, data: Path, samples: int) -> dict:
-    if name == "seed":
-        result = run_seed(data, samples)
-        result.update(peak_memory())
-    else:
-        result = run_pipeline(data, samples, *PIPELINE_VARIANTS[name])
-    return result
+def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict:
+    """A whole recipe on the train stage; test accuracy of every epoch's checkpoint afterwards."""
+    import torch
+
+    from pipeline.checkpoint import list_checkpoints, read_checkpoint
+    from pipeline.data import load_split, to_input
+    from pipeline.model import ModelConfig, build_model
+
+    params = recipe_params(recipe)
+    params["train"]["seed"] = seed
+    if quick:
+        params["data"].update(subset=2_500, val_size=500)
+        params["train"]["epochs"] = min(2, params["train"]["epochs"])
+    epochs = params["train"]["epochs"]
+    params["train"].update(keep_checkpoints=epochs, checkpoint_every_steps=0)  # one checkpoint per epoch
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    test = load_split(data, "test", 1_000 if quick else 0)
+    test_x, test_y = to_input(test.images).to(device), test.labels.to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        out = train_stage(params, data, Path(tmp))
+        wall = time.perf_counter() - t0
+        rates = epoch_rates(out / "live")
+        live = json.loads((out / "live" / "metrics.json").read_text())
+        model = build_model(ModelConfig(name=params["model"]["name"])).to(device)
+        curve, train_s = [], 0.0
+        steps = (len_train(params, data) // params["train"]["batch_size"]) * params["train"]["batch_size"]
+        for path, rate in zip(list_checkpoints(out / "c"), rates, strict=True):
+            train_s += steps / rate
+            model.load_state_dict(read_checkpoint(path).model)
+            curve.append({"train_s": round(train_s, 2), "test_accuracy": accuracy_on(model, test_x, test_y)})
+    return {
+        "recipe": {"model": params["model"]["name"], **{k: params["train"][k] for k in sorted(params["train"])}},
+        "samples_per_s": round(epochs * steps / train_s, 1),
+        "train_s": round(train_s, 2),
+        "process_wall_s": round(wall, 1),
+        "curve": curve,
+        **({"peak_gpu_mb": live["peak_gpu_memory_mb"]} if "peak_gpu_memory_mb" in live else {}),
+    }
+
+
+def len_train(params: dict, data: Path) -> int:
+    """Training samples the stage uses: the (subset of the) train split less validation."""
+    from pipeline.data import load_split
+
+    return len(load_split(data, "train", params["data"]["subset"])) - params["data"]["val_size"]
+
+
+def profile_data_path(data: Path, recipe: str, steps: int = 50) -> dict:
+    """Milliseconds per global batch of the device data path alone (what the train loop does before forward)."""
+    import torch
+
+    from pipeline.data import augment, load_split, rank_batches, to_input
+
+    cfg = recipe_params(recipe)["train"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train = load_split(data, "train").to(device)
+    batches = rank_batches(len(train), cfg["batch_size"], 0, 0, 0, 1, max_shift=cfg.get("translate", 0))
+    times = []
+    for k, (idx, flip, shift) in enumerate(batches):
+        if k == steps:
+            break
+        sync()
+        t0 = time.perf_counter()
+        idx, flip, shift = idx.to(device), flip.to(device), shift.to(device)
+        images = augment(train.images[idx], flip, shift, cfg["hflip"], cfg.get("translate", 0))
+        x = to_input(images)
+        if cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"batch_size": cfg["batch_size"], "data_ms_per_step": round(1000 * times[len(times) // 2], 3)}
+
+
+def run_job(job: str, args: argparse.Namespace, samples: int) -> dict:
+    kind, _, name = job.partition(":")
+    data = Path(args.data)
+    if kind == "throughput" and name == "seed":
+        result = run_seed(data, 0, 1, 0, time_only=samples)
+    elif kind == "throughput":
+        result = run_option(data, samples, OPTIONS[name], args.seed)
+    elif kind == "accuracy" and name == "seed":
+        quick = args.quick
+        result = run_seed(data, 2_500 if quick else 0, 2 if quick else 10, 1_000 if quick else 0)
+    elif kind == "accuracy":
+        result = run_recipe(data, name, args.seed, args.quick)
+    else:  # "datapath"
+        result = profile_data_path(data, name)
+    return {**result, **peak_memory()}
+
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    return next((p["train_s"] for p in curve if p["test_accuracy"] >= target), None)
+
+
+def machine_info(samples: int) -> dict:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []  # fmt: skip
+    return {
+        "platform": platform.platform(),
+        "processor": names[0] if names else platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "throughput_samples_per_epoch": samples,
+    }
 
 
 def main() -> int:
     args = parse_args()
-    data = Path(args.data)
     samples = 2_000 if args.quick else args.samples
-    if args.variant:  # child process
-        print(json.dumps(run_variant(args.variant, data, samples)))
+    if args.job:  # child process
+        print(json.dumps(run_job(args.job, args, samples)))
         return 0
+    data = Path(args.data)
     if not (data / "train-images-idx3-ubyte").is_file():
-        raise SystemExit(f"error: no IDX files in {data}; run `dvc repro download`")
+        print(f"error: no IDX files in {data}; run `dvc repro download`", file=sys.stderr)
+        return 1
     import torch
 
-    rows = {}
-    for name in args.variants:
-        cmd = [sys.executable, __file__, "--variant", name, "--data", str(data), "--samples", str(samples)]
+    gpu = torch.cuda.is_available()
+    jobs = []
+    if "throughput" in args.parts:
+        jobs += ["throughput:seed"] + [f"throughput:{o}" for o in args.options if gpu or o not in GPU_ONLY]
+    if "accuracy" in args.parts:
+        jobs += ["accuracy:seed"] + [f"accuracy:{r}" for r in args.recipes]
+    jobs += [f"datapath:{r}" for r in RECIPES]
+    results: dict[str, dict] = {"throughput": {}, "accuracy": {}, "datapath": {}}
+    for job in jobs:
+        cmd = [sys.executable, __file__, "--job", job, "--data", str(data), "--samples", str(samples),
+               "--seed", str(args.seed), *(["--quick"] if args.quick else [])]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
-            raise SystemExit(f"error: variant {name} failed:\n{proc.stderr[-3000:]}")
-        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
-    base = rows.get("seed", {}).get("samples_per_s")
-    for r in rows.values():
-        r["ratio_vs_seed"] = round(r["samples_per_s"] / base, 1) if base else None
-    cpuinfo = Path("/proc/cpuinfo")
-    model_names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                   if line.startswith("model name")] if cpuinfo.exists() else []  # fmt: skip
-    machine = {
-        "platform": platform.platform(),
-        "processor": model_names[0] if model_names else platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "samples_timed": samples,
-    }
-    print(f"\n{machine['device']} ({machine['processor']}, {machine['cpus']} CPUs), torch {machine['torch']}, "
-          f"{samples} samples per variant\n")  # fmt: skip
-    print("| variant | samples/s | × seed | peak RSS (MB) |")
-    print("|---|---:|---:|---:|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['samples_per_s']:.0f} | {r['ratio_vs_seed']} | {r['peak_rss_mb']:.0f} |")
+            print(f"error: {job} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        kind, _, name = job.partition(":")
+        results[kind][name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{job}: {results[kind][name]}", file=sys.stderr, flush=True)
+    report = summarise(results, args.targets)
+    report["machine"] = machine_info(samples)
+    print(markdown(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"machine": machine, "results": rows}, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def summarise(results: dict[str, dict], targets: list[float]) -> dict:
+    """Ratios to the seed loop, times to each target, and the data path's share of a step."""
+    base = results["throughput"].get("seed", {}).get("samples_per_s")
+    for row in results["throughput"].values():
+        row["ratio_vs_seed"] = round(row["samples_per_s"] / base, 2) if base else None
+    seed = results["accuracy"].get("seed")
+    for row in results["accuracy"].values():
+        row["final_test_accuracy"] = row["curve"][-1]["test_accuracy"]
+        row["to_target"] = {}
+        for t in targets:
+            mine = time_to(row["curve"], t)
+            entry: dict = {"train_s": mine}
+            if seed is not None and mine:
+                theirs = time_to(seed["curve"], t)
+                # the seed loop never got there: its whole run is a lower bound on its time
+                entry["ratio_vs_seed"] = round((theirs or seed["train_s"]) / mine, 1)
+                entry["ratio_is_lower_bound"] = theirs is None
+            row["to_target"][f"{t:.3f}"] = entry
+    for recipe, row in results["datapath"].items():
+        rate = results["accuracy"].get(recipe, {}).get("samples_per_s")
+        if recipe == "default" and "default" in results["throughput"]:
+            rate = results["throughput"]["default"]["samples_per_s"]
+        if rate:
+            step_ms = 1000 * row["batch_size"] / rate
+            row["step_ms"] = round(step_ms, 2)
+            row["data_share"] = round(row["data_ms_per_step"] / step_ms, 4)
+    return {"targets": targets, **results}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"\n{m['device']} ({m['processor']}, {m['cpus']} CPUs), torch {m['torch']}\n"]
+    gpu = m["device"] != "cpu"
+    mem = "| peak RSS (MB) |" + (" peak GPU (MB) |" if gpu else "")
+    if report["throughput"]:
+        lines += [f"Throughput ({m['throughput_samples_per_epoch']} samples per timed epoch):\n",
+                  "| variant | samples/s | × seed | first epoch samples/s " + mem,
+                  "|---|---:|---:|---:|---:|" + ("---:|" if gpu else "")]  # fmt: skip
+        for name, r in report["throughput"].items():
+            first = r.get("first_epoch_samples_per_s", "")
+            lines.append(f"| {name} | {r['samples_per_s']:.0f} | {r['ratio_vs_seed']} | {first} | "
+                         f"{r['peak_rss_mb']:.0f} |" + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))  # fmt: skip
+    if report["accuracy"]:
+        heads = " | ".join(f"to {float(t):.1%} (× seed)" for t in report["targets"])
+        lines += ["\nTime to test accuracy (training seconds, evaluation excluded):\n",
+                  f"| recipe | final test acc | train s | samples/s | {heads} " + mem,
+                  "|---|---:|---:|---:|" + "---:|" * (len(report["targets"]) + 1 + gpu)]  # fmt: skip
+        for name, r in report["accuracy"].items():
+            cells = []
+            for entry in r["to_target"].values():
+                if entry["train_s"] is None:
+                    cells.append("not reached")
+                else:
+                    ratio = entry.get("ratio_vs_seed")
+                    mark = ">" if entry.get("ratio_is_lower_bound") else ""
+                    cells.append(f"{entry['train_s']:.1f} s" + (f" ({mark}{ratio}×)" if ratio else ""))
+            lines.append(f"| {name} | {r['final_test_accuracy']:.4f} | {r['train_s']:.1f} | {r['samples_per_s']:.0f}"
+                         f" | {' | '.join(cells)} | {r['peak_rss_mb']:.0f} |"
+                         + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))  # fmt: skip
+    if report["datapath"]:
+        lines += ["\nDevice data path (index + flip + translate + to float) per global batch:\n",
+                  "| recipe | batch | data ms/step | step ms | data share |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name, r in report["datapath"].items():
+            share = f"{r['data_share']:.1%}" if "data_share" in r else ""
+            lines.append(f"| {name} | {r['batch_size']} | {r['data_ms_per_step']} | {r.get('step_ms', '')} | {share} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Measure a recipe's test accuracy over several seeds: ``python scripts/recipe_check.py --seeds 0 1 2``.
+"""Measure a recipe's test accuracy over several seeds: ``python scripts/recipe_check.py [--recipe fast]``.
 
 Runs the train and evaluate stages (as subprocesses, exactly as DVC would, without
-touching the workspace's outputs) once per seed on params.yaml with ``train.seed``
-replaced, then prints one row per seed and the mean. ``--set train.epochs=5`` overrides
-any other key. Results go to ``--out`` as JSON.
+touching the workspace's outputs) once per seed on params.yaml (with ``recipes/<name>.yaml``
+merged on top for ``--recipe``) with ``train.seed`` replaced, then prints one row per seed
+and the mean. ``--set train.epochs=5`` overrides any other key. Results go to ``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", default=str(ROOT / "params.yaml"), help="base params file (default: %(default)s)")
     p.add_argument("--data", default=str(ROOT / "data" / "raw"), help="IDX folder (default: %(default)s)")
+    p.add_argument("--recipe", default=None, help="merge recipes/RECIPE.yaml over the params (e.g. fast, beyond)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a param")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -38,6 +39,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     base = yaml.safe_load(Path(args.params).read_text())
+    if args.recipe:
+        for section, values in yaml.safe_load((ROOT / "recipes" / f"{args.recipe}.yaml").read_text()).items():
+            base[section].update(values)
     for item in args.set:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
@@ -73,6 +77,7 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
     accs = [r["test_accuracy"] for r in rows]
     summary = {
+        "recipe": args.recipe or "default",
         "overrides": args.set,
         "runs": rows,
         "mean_test_accuracy": round(statistics.mean(accs), 5),

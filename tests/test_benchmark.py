@@ -1,5 +1,6 @@
 """The benchmark script runs end to end in --quick mode (correctness only: no timing asserts)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,21 +12,65 @@ from tests.conftest import REPO, write_raw
 pytestmark = pytest.mark.slow
 
 
-def test_quick_benchmark_reports_every_variant_against_the_seed_loop(tmp_path):
-    raw = write_raw(tmp_path / "raw", n_train=3200, n_test=50)
+def test_quick_benchmark_reports_every_variant_and_recipe_against_the_seed_loop(tmp_path):
+    raw = write_raw(tmp_path / "raw", n_train=3200, n_test=300)
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--data", str(raw), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--data", str(raw), "--out", str(out),
+         "--targets", "0.05", "0.5"],
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    results = json.loads(out.read_text())
-    assert set(results["results"]) == {"seed", "pipeline", "pipeline-nchw", "pipeline-bf16", "pipeline-bf16-b512"}
-    for row in results["results"].values():
-        assert row["samples_per_s"] > 0 and row["peak_rss_mb"] > 0
-        assert row["samples"] >= 1536  # whole global batches of up to 512 out of 2,000
-    assert results["results"]["seed"]["ratio_vs_seed"] == 1.0
-    assert results["machine"]["torch"] and "| pipeline |" in proc.stdout
+    report = json.loads(out.read_text())
+    speed = report["throughput"]
+    cpu_options = {"default", "nchw", "bf16", "foreach", "fused", "compile", "bf16-b512"}
+    assert set(speed) == {"seed"} | cpu_options  # cudnn-benchmark is GPU-only
+    for row in speed.values():
+        assert row["samples_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["ratio_vs_seed"] > 0
+    assert speed["seed"]["ratio_vs_seed"] == 1.0
+    assert speed["default"]["samples"] == 1920 and speed["bf16-b512"]["samples"] == 1536  # whole global batches
+    accuracy = report["accuracy"]
+    assert set(accuracy) == {"seed", "default", "fast", "beyond"}
+    assert accuracy["beyond"]["recipe"]["model"] == "bn_cnn"
+    for row in accuracy.values():
+        assert len(row["curve"]) == 2  # --quick: two epochs, a test accuracy after each
+        assert row["curve"][0]["train_s"] < row["curve"][1]["train_s"] == row["train_s"]
+        assert 0.0 <= row["final_test_accuracy"] <= 1.0
+        assert row["to_target"]["0.050"]["train_s"] == row["curve"][0]["train_s"]  # 5% is reached at once
+        assert set(row["to_target"]) == {"0.050", "0.500"}
+    assert accuracy["seed"]["to_target"]["0.050"]["ratio_vs_seed"] == 1.0
+    for row in report["datapath"].values():
+        assert row["data_ms_per_step"] > 0 and 0 < row["data_share"] < 1
+    assert report["machine"]["torch"] and "| compile |" in proc.stdout and "| beyond |" in proc.stdout
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_target_ratios_and_the_seed_loop_that_never_gets_there():
+    bench = load_benchmark()
+    common = {"samples_per_s": 1000.0, "peak_rss_mb": 500.0}
+    seed = {**common, "train_s": 300.0, "curve": [{"train_s": 100.0, "test_accuracy": 0.89},
+                                        {"train_s": 300.0, "test_accuracy": 0.905}]}  # fmt: skip
+    fast = {**common, "train_s": 20.0, "curve": [{"train_s": 10.0, "test_accuracy": 0.902},
+                                       {"train_s": 20.0, "test_accuracy": 0.912}]}  # fmt: skip
+    slow = {**common, "train_s": 50.0, "curve": [{"train_s": 50.0, "test_accuracy": 0.85}]}
+    report = bench.summarise(
+        {"throughput": {}, "accuracy": {"seed": seed, "fast": fast, "slow": slow}, "datapath": {}}, [0.90, 0.91]
+    )
+    rows = report["accuracy"]
+    assert rows["fast"]["to_target"]["0.900"] == {"train_s": 10.0, "ratio_vs_seed": 30.0, "ratio_is_lower_bound": False}
+    # the seed loop never reached 91%: its whole 300 s run bounds its time from below
+    assert rows["fast"]["to_target"]["0.910"] == {"train_s": 20.0, "ratio_vs_seed": 15.0, "ratio_is_lower_bound": True}
+    assert rows["seed"]["to_target"]["0.910"] == {"train_s": None}
+    assert rows["slow"]["to_target"]["0.900"] == {"train_s": None} and rows["slow"]["final_test_accuracy"] == 0.85
+    table = bench.markdown({**report, "machine": {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}})
+    assert "| fast | 0.9120 | 20.0 |" in table and "10.0 s (30.0×) | 20.0 s (>15.0×)" in table
+    assert "| slow | 0.8500 |" in table and "not reached | not reached" in table
 
 
 def test_benchmark_without_data_says_what_to_run(tmp_path):

@@ -1,0 +1,48 @@
+"""The recipes in recipes/ are valid params, and the `dvc exp run` lines that run them say the same thing."""
+
+import re
+import shlex
+
+import pytest
+import yaml
+
+from pipeline.params import parse_params
+from tests.conftest import REPO
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def overrides(recipe: dict) -> dict[str, object]:
+    return {f"{section}.{key}": value for section, values in recipe.items() for key, value in values.items()}
+
+
+def exp_run_line(text: str) -> str:
+    (line,) = [m.group(1) for m in re.finditer(r"^#?\s*(dvc exp run .*)$", text, re.M)]
+    return line
+
+
+def set_params(line: str) -> dict[str, object]:
+    words = shlex.split(line)
+    return {k: yaml.safe_load(v) for k, v in (words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-S")}
+
+
+def test_there_are_fast_and_beyond_recipes():
+    assert {p.stem for p in RECIPES} >= {"fast", "beyond"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_merged_over_params_is_valid(path):
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in yaml.safe_load(path.read_text()).items():
+        base[section].update(values)
+    params = parse_params(base)
+    assert params.train.epochs >= 1
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_command_in_file_and_readme_sets_exactly_the_recipe(path):
+    text = path.read_text()
+    line = exp_run_line(text)
+    assert set_params(line) == overrides(yaml.safe_load(text))
+    assert f"-n {path.stem} " in line
+    assert line in (REPO / "README.md").read_text(), f"README does not show `{line}`"
