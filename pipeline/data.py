@@ -155,6 +155,27 @@ def shift_offsets(n: int, seed: int, epoch: int, max_shift: int) -> torch.Tensor
     return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=g)
 
 
+def cutout_centers(n: int, seed: int, epoch: int, size: int, image_size: int = 28) -> torch.Tensor:
+    """(n, 2) random (row, col) centres of the erased square per position of the epoch's order."""
+    if size == 0:
+        return torch.zeros(n, 2, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 15_485_863 * 100_003)
+    return torch.randint(0, image_size, (n, 2), generator=g)
+
+
+def batch_cutout(images: torch.Tensor, centers: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square around each image's centre (B, H, W); squares may leave the image."""
+    if size == 0:
+        return images
+    _, h, w = images.shape
+    top, left = centers[:, 0, None] - size // 2, centers[:, 1, None] - size // 2  # (B, 1)
+    rows = torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device)
+    in_rows = (rows >= top) & (rows < top + size)  # (B, H)
+    in_cols = (cols >= left) & (cols < left + size)  # (B, W)
+    return images.masked_fill(in_rows[:, :, None] & in_cols[:, None, :], 0)
+
+
 def batch_flip_lr(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Flip the images whose ``mask`` entry is True along the width axis (B, H, W)."""
     return torch.where(mask[:, None, None], images.flip(-1), images)
@@ -175,11 +196,19 @@ def batch_translate(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) 
     return padded[batch, rows[:, :, None], cols[:, None, :]]
 
 
-def augment(images: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, hflip: bool, max_shift: int) -> torch.Tensor:
-    """The training augmentation of one batch (B, H, W) on its own device: flip, then translate."""
+def augment(
+    images: torch.Tensor,
+    flip: torch.Tensor,
+    shift: torch.Tensor,
+    centers: torch.Tensor,
+    hflip: bool,
+    max_shift: int,
+    cutout: int,
+) -> torch.Tensor:
+    """The training augmentation of one batch (B, H, W) on its own device: flip, translate, cutout."""
     if hflip:
         images = batch_flip_lr(images, flip)
-    return batch_translate(images, shift, max_shift)
+    return batch_cutout(batch_translate(images, shift, max_shift), centers, cutout)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -188,9 +217,17 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def rank_batches(
-    n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int, start: int = 0, max_shift: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (indices, flip, shift) for this rank's share of each global batch of the epoch.
+    n: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    start: int = 0,
+    max_shift: int = 0,
+    cutout: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (indices, flip, shift, cutout centre) for this rank's share of each global batch of the epoch.
 
     Every global batch of ``batch_size`` is cut into ``world`` equal contiguous shards, so
     the union over ranks is exactly the single-process batch. ``start`` skips the first
@@ -200,7 +237,7 @@ def rank_batches(
         raise DataError(f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world})")
     local = batch_size // world
     order, flips = epoch_order(n, seed, epoch), flip_mask(n, seed, epoch)
-    shifts = shift_offsets(n, seed, epoch, max_shift)
+    shifts, centers = shift_offsets(n, seed, epoch, max_shift), cutout_centers(n, seed, epoch, cutout)
     for step in range(start, steps_per_epoch(n, batch_size)):
         lo = step * batch_size + rank * local
-        yield order[lo : lo + local], flips[lo : lo + local], shifts[lo : lo + local]
+        yield order[lo : lo + local], flips[lo : lo + local], shifts[lo : lo + local], centers[lo : lo + local]

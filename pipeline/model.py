@@ -79,7 +79,7 @@ class BnCNN(nn.Module):
     linear layer. About 3x the tutorial CNN's compute per image.
     """
 
-    width = 16
+    width = 32
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

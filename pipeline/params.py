@@ -58,6 +58,7 @@ class TrainParams:
     schedule: str = "onecycle"
     hflip: bool = True  # random horizontal flip of training images
     translate: int = 0  # random shift of each training image by up to N pixels in x and y (0 = off)
+    cutout: int = 0  # zero a random N x N square of each training image (0 = off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing, in [0, 1)
     mixed_precision: str = "auto"  # auto (the launcher's setting) | no | bf16 | fp16
     compile: bool = False  # torch.compile the model (inductor)
@@ -181,6 +182,7 @@ def _check_ranges(p: Params) -> None:
         0 <= p.train.translate <= 8,
         f"train.translate must be 0 (off) to 8 pixels, got {p.train.translate}",
     )
+    need(0 <= p.train.cutout <= 28, f"train.cutout must be 0 (off) to 28 pixels, got {p.train.cutout}")
     need(
         0 <= p.train.label_smoothing < 1,
         f"train.label_smoothing must be in [0, 1), got {p.train.label_smoothing}",

@@ -154,6 +154,7 @@ class Trainer:
             acc.num_processes,
             self.state.step,
             max_shift=cfg.translate,
+            cutout=cfg.cutout,
         )
         steps = steps_per_epoch(len(self.train), cfg.batch_size)
         bar = tqdm(  # a terminal gets a live bar; logs (CI, dvc repro > file) get the one line per epoch
@@ -165,11 +166,11 @@ class Trainer:
             leave=False,
             disable=not (acc.is_main_process and sys.stderr.isatty()),
         )
-        for idx, flip, shift in batches:
+        for idx, *aug in batches:
             idx = idx.to(self.device, non_blocking=True)
             images, labels = self.train.images[idx], self.train.labels[idx]
-            flip, shift = flip.to(self.device, non_blocking=True), shift.to(self.device, non_blocking=True)
-            images = augment(images, flip, shift, cfg.hflip, cfg.translate)
+            flip, shift, centers = (t.to(self.device, non_blocking=True) for t in aug)
+            images = augment(images, flip, shift, centers, cfg.hflip, cfg.translate, cfg.cutout)
             inputs = to_input(images)
             if cfg.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -345,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             "epoch_time_s": round(time.perf_counter() - t0, 3),
             "samples_per_s": round(local / train_time, 1),
         }
+        if accelerator.device.type == "cuda":
+            row["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         accelerator.log(row, step=epoch + 1)  # DVCLive's step is the epoch, counted from 1
         say(
             accelerator,
@@ -369,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
                     "final_model_val_accuracy": final_val,
                 }
             )
-            if accelerator.device.type == "cuda":
-                live.summary["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         out = build_model(model_cfg)
         out.load_state_dict(final)
         save_artifact(

@@ -18,14 +18,13 @@ recipes (``recipes/*.yaml`` on top of params.yaml). Reports the training time un
 accuracy first reaches each ``--targets`` value, the final accuracy, and ratios to the seed
 loop (a ``>`` ratio when the seed loop never reached the target: its whole run is the bound).
 
-Also profiles the device data path (index, flip, translate, to float) against the measured
+Also profiles the device data path (index, flip, translate, cutout, to float) against the measured
 step time. Results go to ``--out`` as JSON and to stdout as Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -70,7 +69,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), help="throughput rows")
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="time-to-accuracy rows")
     p.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.91], help="test accuracies to time")
-    p.add_argument("--seed", type=int, default=0, help="train.seed for every pipeline run (default: %(default)s)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="train.seed values: each recipe runs once per seed (rows NAME/seedS plus a mean row); "
+        "throughput rows use the first (default: 0)",
+    )
     p.add_argument("--out", default=None, help="write results as JSON here")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one variant in this process
     return p.parse_args()
@@ -217,10 +223,15 @@ def train_stage(params: dict, data: Path, tmp: Path) -> Path:
     return tmp
 
 
-def epoch_rates(live: Path) -> list[float]:
-    """Training samples/s of each epoch, from the stage's DVCLive curve."""
-    with (live / "plots" / "metrics" / "samples_per_s.tsv").open() as f:
-        return [float(row["samples_per_s"]) for row in csv.DictReader(f, delimiter="\t")]
+def history(out: Path) -> list[dict]:
+    """The stage's per-epoch rows (samples/s, ...) from its last checkpoint: no DVCLive needed."""
+    from pipeline.checkpoint import list_checkpoints, read_checkpoint
+
+    return read_checkpoint(list_checkpoints(out / "c")[-1]).state.history
+
+
+def gpu_peak(rows: list[dict]) -> dict:
+    return {"peak_gpu_mb": max(r["peak_gpu_memory_mb"] for r in rows)} if "peak_gpu_memory_mb" in rows[0] else {}
 
 
 def run_option(data: Path, samples: int, overrides: dict, seed: int) -> dict:
@@ -230,15 +241,13 @@ def run_option(data: Path, samples: int, overrides: dict, seed: int) -> dict:
     params["data"].update(subset=samples + val, val_size=val)
     params["train"].update(epochs=2, seed=seed, **overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        out = train_stage(params, data, Path(tmp))
-        rates = epoch_rates(out / "live")
-        live = json.loads((out / "live" / "metrics.json").read_text())
+        rows = history(train_stage(params, data, Path(tmp)))
     batch = params["train"]["batch_size"]
     return {
         "samples": (samples // batch) * batch,
-        "samples_per_s": rates[-1],
-        "first_epoch_samples_per_s": rates[0],
-        **({"peak_gpu_mb": live["peak_gpu_memory_mb"]} if "peak_gpu_memory_mb" in live else {}),
+        "samples_per_s": rows[-1]["samples_per_s"],
+        "first_epoch_samples_per_s": rows[0]["samples_per_s"],
+        **gpu_peak(rows),
     }
 
 
@@ -264,8 +273,8 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict:
         t0 = time.perf_counter()
         out = train_stage(params, data, Path(tmp))
         wall = time.perf_counter() - t0
-        rates = epoch_rates(out / "live")
-        live = json.loads((out / "live" / "metrics.json").read_text())
+        rows = history(out)
+        rates = [r["samples_per_s"] for r in rows]
         model = build_model(ModelConfig(name=params["model"]["name"])).to(device)
         curve, train_s = [], 0.0
         steps = (len_train(params, data) // params["train"]["batch_size"]) * params["train"]["batch_size"]
@@ -279,7 +288,7 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict:
         "train_s": round(train_s, 2),
         "process_wall_s": round(wall, 1),
         "curve": curve,
-        **({"peak_gpu_mb": live["peak_gpu_memory_mb"]} if "peak_gpu_memory_mb" in live else {}),
+        **gpu_peak(rows),
     }
 
 
@@ -299,15 +308,17 @@ def profile_data_path(data: Path, recipe: str, steps: int = 50) -> dict:
     cfg = recipe_params(recipe)["train"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train = load_split(data, "train").to(device)
-    batches = rank_batches(len(train), cfg["batch_size"], 0, 0, 0, 1, max_shift=cfg.get("translate", 0))
+    translate, cutout = cfg.get("translate", 0), cfg.get("cutout", 0)
+    batches = rank_batches(len(train), cfg["batch_size"], 0, 0, 0, 1, max_shift=translate, cutout=cutout)
     times = []
-    for k, (idx, flip, shift) in enumerate(batches):
+    for k, (idx, *aug) in enumerate(batches):
         if k == steps:
             break
         sync()
         t0 = time.perf_counter()
-        idx, flip, shift = idx.to(device), flip.to(device), shift.to(device)
-        images = augment(train.images[idx], flip, shift, cfg["hflip"], cfg.get("translate", 0))
+        idx = idx.to(device)
+        flip, shift, centers = (t.to(device) for t in aug)
+        images = augment(train.images[idx], flip, shift, centers, cfg["hflip"], translate, cutout)
         x = to_input(images)
         if cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -323,12 +334,13 @@ def run_job(job: str, args: argparse.Namespace, samples: int) -> dict:
     if kind == "throughput" and name == "seed":
         result = run_seed(data, 0, 1, 0, time_only=samples)
     elif kind == "throughput":
-        result = run_option(data, samples, OPTIONS[name], args.seed)
+        result = run_option(data, samples, OPTIONS[name], args.seeds[0])
     elif kind == "accuracy" and name == "seed":
         quick = args.quick
         result = run_seed(data, 2_500 if quick else 0, 2 if quick else 10, 1_000 if quick else 0)
     elif kind == "accuracy":
-        result = run_recipe(data, name, args.seed, args.quick)
+        recipe, _, seed = name.partition("/seed")
+        result = run_recipe(data, recipe, int(seed or args.seeds[0]), args.quick)
     else:  # "datapath"
         result = profile_data_path(data, name)
     return {**result, **peak_memory()}
@@ -371,12 +383,14 @@ def main() -> int:
     if "throughput" in args.parts:
         jobs += ["throughput:seed"] + [f"throughput:{o}" for o in args.options if gpu or o not in GPU_ONLY]
     if "accuracy" in args.parts:
-        jobs += ["accuracy:seed"] + [f"accuracy:{r}" for r in args.recipes]
+        per_seed = len(args.seeds) > 1
+        jobs += ["accuracy:seed"] + [f"accuracy:{r}/seed{s}" if per_seed else f"accuracy:{r}"
+                                     for r in args.recipes for s in args.seeds]  # fmt: skip
     jobs += [f"datapath:{r}" for r in RECIPES]
     results: dict[str, dict] = {"throughput": {}, "accuracy": {}, "datapath": {}}
     for job in jobs:
         cmd = [sys.executable, __file__, "--job", job, "--data", str(data), "--samples", str(samples),
-               "--seed", str(args.seed), *(["--quick"] if args.quick else [])]  # fmt: skip
+               "--seeds", *map(str, args.seeds), *(["--quick"] if args.quick else [])]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"error: {job} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -411,8 +425,29 @@ def summarise(results: dict[str, dict], targets: list[float]) -> dict:
                 entry["ratio_vs_seed"] = round((theirs or seed["train_s"]) / mine, 1)
                 entry["ratio_is_lower_bound"] = theirs is None
             row["to_target"][f"{t:.3f}"] = entry
+    means = {}
+    for recipe in dict.fromkeys(k.partition("/seed")[0] for k in results["accuracy"] if "/seed" in k):
+        runs = [r for k, r in results["accuracy"].items() if k.startswith(f"{recipe}/seed")]
+        mean = {
+            "seeds": len(runs),
+            "final_test_accuracy": round(sum(r["final_test_accuracy"] for r in runs) / len(runs), 5),
+            "train_s": round(sum(r["train_s"] for r in runs) / len(runs), 2),
+            "samples_per_s": round(sum(r["samples_per_s"] for r in runs) / len(runs), 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "to_target": {},
+        }
+        for t in runs[0]["to_target"]:
+            times = [r["to_target"][t]["train_s"] for r in runs]
+            entry: dict = {"train_s": None if None in times else round(sum(times) / len(times), 2)}
+            if entry["train_s"] and seed is not None:
+                theirs = time_to(seed["curve"], float(t))
+                entry["ratio_vs_seed"] = round((theirs or seed["train_s"]) / entry["train_s"], 1)
+                entry["ratio_is_lower_bound"] = theirs is None
+            mean["to_target"][t] = entry
+        means[f"{recipe} (mean)"] = mean
+    results["accuracy"].update(means)
     for recipe, row in results["datapath"].items():
-        rate = results["accuracy"].get(recipe, {}).get("samples_per_s")
+        rate = results["accuracy"].get(recipe, results["accuracy"].get(f"{recipe} (mean)", {})).get("samples_per_s")
         if recipe == "default" and "default" in results["throughput"]:
             rate = results["throughput"]["default"]["samples_per_s"]
         if rate:
@@ -453,7 +488,7 @@ def markdown(report: dict) -> str:
                          f" | {' | '.join(cells)} | {r['peak_rss_mb']:.0f} |"
                          + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))  # fmt: skip
     if report["datapath"]:
-        lines += ["\nDevice data path (index + flip + translate + to float) per global batch:\n",
+        lines += ["\nDevice data path (index + flip + translate + cutout + to float) per global batch:\n",
                   "| recipe | batch | data ms/step | step ms | data share |", "|---|---:|---:|---:|---:|"]  # fmt: skip
         for name, r in report["datapath"].items():
             share = f"{r['data_share']:.1%}" if "data_share" in r else ""

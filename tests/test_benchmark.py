@@ -68,6 +68,13 @@ def test_time_to_target_ratios_and_the_seed_loop_that_never_gets_there():
     assert rows["fast"]["to_target"]["0.910"] == {"train_s": 20.0, "ratio_vs_seed": 15.0, "ratio_is_lower_bound": True}
     assert rows["seed"]["to_target"]["0.910"] == {"train_s": None}
     assert rows["slow"]["to_target"]["0.900"] == {"train_s": None} and rows["slow"]["final_test_accuracy"] == 0.85
+    per_seed = {"fast/seed0": fast, "fast/seed1": {**fast, "train_s": 30.0, "curve": [
+        {"train_s": 15.0, "test_accuracy": 0.90}, {"train_s": 30.0, "test_accuracy": 0.908}]}}  # fmt: skip
+    many = bench.summarise({"throughput": {}, "accuracy": {"seed": seed, **per_seed}, "datapath": {}}, [0.90, 0.91])
+    mean = many["accuracy"]["fast (mean)"]
+    assert mean["seeds"] == 2 and mean["final_test_accuracy"] == 0.91 and mean["train_s"] == 25.0
+    assert mean["to_target"]["0.900"] == {"train_s": 12.5, "ratio_vs_seed": 24.0, "ratio_is_lower_bound": False}
+    assert mean["to_target"]["0.910"] == {"train_s": None}  # seed 1 never got there
     table = bench.markdown({**report, "machine": {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}})
     assert "| fast | 0.9120 | 20.0 |" in table and "10.0 s (30.0×) | 20.0 s (>15.0×)" in table
     assert "| slow | 0.8500 |" in table and "not reached | not reached" in table

@@ -155,10 +155,10 @@ def test_speed_options_train_the_same_model_up_to_rounding(tmp_path, tiny_raw, w
         assert diff < 1e-4, impl
 
 
-def test_beyond_model_trains_with_translation_smoothing_and_bf16(tmp_path, tiny_raw, write_params, monkeypatch):
+def test_beyond_model_trains_with_translation_cutout_smoothing_and_bf16(tmp_path, tiny_raw, write_params, monkeypatch):
     monkeypatch.chdir(tmp_path)
     overrides = {"model": {"name": "bn_cnn"}}
-    overrides["train"] = {"epochs": 4, "translate": 2, "label_smoothing": 0.1, "mixed_precision": "bf16"}
+    overrides["train"] = {"epochs": 4, "translate": 2, "cutout": 6, "label_smoothing": 0.1, "mixed_precision": "bf16"}
     assert run_train(tmp_path, write_params(overrides)) == 0
     meta = json.loads((tmp_path / "models" / "model.json").read_text())
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
