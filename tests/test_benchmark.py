@@ -86,3 +86,21 @@ def test_benchmark_without_data_says_what_to_run(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 1 and "run `dvc repro download`" in proc.stderr
+
+
+def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
+    raw = write_raw(tmp_path / "raw", n_train=3200, n_test=10)
+    out = tmp_path / "profile.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "profile_step.py"), "--steps", "4", "--data", str(raw),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    seed = report["seed_loop"]
+    assert 0 <= seed["data_share"] < 1 and seed["max_gain_from_data_path"] >= 1
+    for key in ("pipeline_fp32", "pipeline_bf16"):
+        shares = report[key]["share_by_group"]
+        assert shares["convolution"] > 0 and sum(shares.values()) <= 1.0001
+        assert report[key]["top_ops"] and report[key]["samples_per_s_profiled"] > 0

@@ -190,3 +190,16 @@ def test_fp16_on_cpu_is_refused_with_one_line(tmp_path, tiny_raw, write_params, 
     assert info.value.code == 2 and len(err.splitlines()) == 1
     assert "fp16 mixed precision needs a GPU" in err and "train.mixed_precision" in err
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_a_plain_artifact_close_to_eager(tmp_path, tiny_raw, write_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, write_params({"train": {"compile": False}}))
+    eager = load_file(str(tmp_path / "models" / "model.safetensors"))
+    reset_accelerate_state()
+    run_train(tmp_path, write_params({"train": {"compile": True}}), "--fresh")
+    compiled = load_file(str(tmp_path / "models" / "model.safetensors"))
+    assert compiled.keys() == eager.keys()  # no _orig_mod. prefixes
+    diff = max((compiled[k] - eager[k]).abs().max().item() for k in eager)
+    assert diff < 1e-3  # inductor fuses and reorders float ops; the same training, not bitwise

@@ -1,0 +1,154 @@
+"""Where a training step's time goes: ``python scripts/profile_step.py [--steps 60] [--out benchmarks/profile.json]``.
+
+Two measurements on the same machine, in one process:
+
+1. **The seed tutorial's loop** (PIL + ``ToTensor`` DataLoader, batch 32, 2 workers): the time
+   the loop waits for the next batch (data) against the time of forward + backward + step
+   (compute), per sample. The data share bounds what any data-path fix can gain:
+   at most ``1 / (1 - data share)``.
+2. **This pipeline's step** at the default recipe (and under bf16): ``torch.profiler`` over
+   ``--steps`` steps, the top operators by self CPU time, grouped into convolution,
+   matmul, optimizer and data path.
+
+This is what bounds the CPU speed-up: see the README's Performance section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.data import augment, load_split, rank_batches, to_input  # noqa: E402
+from pipeline.model import ModelConfig, build_model  # noqa: E402
+from scripts.benchmark import seed_net  # noqa: E402  (the seed loop's CNN, defined once)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT / "data" / "raw"), help="IDX folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=60, help="steps profiled per measurement (default: %(default)s)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args()
+
+
+def seed_loop_split(data: Path, steps: int) -> dict:
+    """Per-sample data wait vs compute of the tutorial's loop (its CNN, Adam 1e-3, batch 32)."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for f in data.iterdir():
+            (raw / f.name).symlink_to(f.resolve())
+        tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        trainset = datasets.FashionMNIST(tmp, train=True, download=False, transform=tf)
+        loader = DataLoader(Subset(trainset, range((steps + 20) * 32)), batch_size=32, shuffle=True, num_workers=2)
+        torch.manual_seed(0)
+        net = seed_net()
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.001)
+        wait = compute = 0.0
+        it = iter(loader)
+        for i in range(steps + 20):
+            t0 = time.perf_counter()
+            inputs, labels = next(it)
+            t1 = time.perf_counter()
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(inputs), labels).backward()
+            optimizer.step()
+            t2 = time.perf_counter()
+            if i >= 20:  # after the workers' start-up
+                wait, compute = wait + t1 - t0, compute + t2 - t1
+    n = steps * 32
+    return {
+        "data_us_per_sample": round(1e6 * wait / n, 1),
+        "compute_us_per_sample": round(1e6 * compute / n, 1),
+        "data_share": round(wait / (wait + compute), 3),
+        "max_gain_from_data_path": round((wait + compute) / compute, 2),
+    }
+
+
+GROUPS = {
+    "convolution": ("conv", "mkldnn_convolution", "convolution"),
+    "matmul (linear)": ("addmm", "mm", "linear"),
+    "optimizer": ("adam", "foreach", "_fused", "lerp", "addcdiv", "sqrt"),
+    "pooling / relu": ("max_pool", "relu", "threshold"),
+    "data path (index, flip, float)": ("index", "where", "flip", "div", "to_copy", "copy_", "unsqueeze"),
+}
+
+
+def pipeline_profile(data: Path, steps: int, bf16: bool) -> dict:
+    """torch.profiler over ``steps`` steps of the pipeline's loop at the default recipe."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    train = load_split(data, "train")
+    model = build_model(ModelConfig()).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.002)
+    batches = list(rank_batches(len(train), 128, 0, 0, 0, 1))[: steps + 10]
+
+    def step(idx: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, centers: torch.Tensor) -> None:
+        x = to_input(augment(train.images[idx], flip, shift, centers, True, 0, 0))
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), train.labels[idx])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for b in batches[:10]:
+        step(*b)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for b in batches[10:]:
+            step(*b)
+        wall = time.perf_counter() - t0
+    events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in events)
+    groups = {g: 0.0 for g in GROUPS}
+    for key, t in events:
+        for g, words in GROUPS.items():
+            if any(w in key.lower() for w in words):
+                groups[g] += t
+                break
+    top = sorted(events, key=lambda e: -e[1])[:10]
+    return {
+        "samples_per_s_profiled": round(steps * 128 / wall, 1),
+        "share_by_group": {g: round(t / total, 3) for g, t in groups.items()},
+        "top_ops": [{"op": k, "share": round(t / total, 3)} for k, t in top],
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    data = Path(args.data)
+    if not (data / "train-images-idx3-ubyte").is_file():
+        print(f"error: no IDX files in {data}; run `dvc repro download`", file=sys.stderr)
+        return 1
+    torch.set_num_threads(torch.get_num_threads())
+    report = {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "seed_loop": seed_loop_split(data, args.steps),
+        "pipeline_fp32": pipeline_profile(data, args.steps, bf16=False),
+        "pipeline_bf16": pipeline_profile(data, args.steps, bf16=True),
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
