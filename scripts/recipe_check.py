@@ -79,6 +79,7 @@ def main() -> int:
     summary = {
         "recipe": args.recipe or "default",
         "overrides": args.set,
+        "params": {k: v for k, v in base.items() if k != "download"},  # as run (train.seed: the last one)
         "runs": rows,
         "mean_test_accuracy": round(statistics.mean(accs), 5),
         "stdev_test_accuracy": round(statistics.stdev(accs), 5) if len(accs) > 1 else 0.0,
