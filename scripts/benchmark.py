@@ -475,7 +475,7 @@ def markdown(report: dict) -> str:
                   "| variant | samples/s | × seed | first epoch samples/s " + mem,
                   "|---|---:|---:|---:|---:|" + ("---:|" if gpu else "")]  # fmt: skip
         for name, r in report["throughput"].items():
-            first = r.get("first_epoch_samples_per_s", "")
+            first = f"{r['first_epoch_samples_per_s']:.0f}" if "first_epoch_samples_per_s" in r else ""
             lines.append(f"| {name} | {r['samples_per_s']:.0f} | {r['ratio_vs_seed']} | {first} | "
                          f"{r['peak_rss_mb']:.0f} |" + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))  # fmt: skip
     if report["accuracy"]:
@@ -500,7 +500,8 @@ def markdown(report: dict) -> str:
                   "| recipe | batch | data ms/step | step ms | data share |", "|---|---:|---:|---:|---:|"]  # fmt: skip
         for name, r in report["datapath"].items():
             share = f"{r['data_share']:.1%}" if "data_share" in r else ""
-            lines.append(f"| {name} | {r['batch_size']} | {r['data_ms_per_step']} | {r.get('step_ms', '')} | {share} |")
+            step = f"{r['step_ms']:.1f}" if "step_ms" in r else ""
+            lines.append(f"| {name} | {r['batch_size']} | {r['data_ms_per_step']:.2f} | {step} | {share} |")
     return "\n".join(lines)
 
 
