@@ -15,6 +15,8 @@ if __name__ == "__main__" and not __package__:  # `python pipeline/train.py`: im
 
 import argparse  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -48,7 +50,7 @@ from pipeline.data import (  # noqa: E402
     to_input,
     train_val_split,
 )
-from pipeline.errors import DataError, cli  # noqa: E402
+from pipeline.errors import DataError, PipelineError, cli  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
 from pipeline.model import ModelConfig, build_model, save_artifact  # noqa: E402
 from pipeline.params import Params, TrainParams, as_dict, load_params  # noqa: E402
@@ -83,6 +85,16 @@ def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
     foreach = {"for_loop": False, "foreach": True}.get(impl)  # None: torch decides
     fused = True if impl == "fused" else None
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused)
+
+
+def check_compiler(cfg: TrainParams) -> None:
+    """torch.compile on CPU builds C++ kernels: stop up front, in one line, when there is no compiler."""
+    if cfg.compile and not torch.cuda.is_available():
+        if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c):
+            raise PipelineError(
+                "train.compile on CPU needs a C++ compiler and none was found (g++, clang++ or $CXX); "
+                "install one (e.g. apt-get install g++) or set train.compile to false"
+            )
 
 
 def accelerator_options(cfg: TrainParams) -> dict:
@@ -260,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = params.train
     # Without dvclive (a bare GPU image, say) training still runs; metrics are only printed.
     live_available = is_dvclive_available()
+    check_compiler(cfg)
     accelerator = make_accelerator(
         args.cpu_threads, log_with="dvclive" if live_available else None, **accelerator_options(cfg)
     )

@@ -26,8 +26,10 @@ TIMING_KEYS = {"epoch_time_s", "samples_per_s", "train_time_s"}
 # Largest weight difference allowed between 1 and 2 processes after the short run below.
 # DDP averages two half-batch gradients where one process sums the whole batch: the same
 # math, a different float32 summation order, so weights differ by rounding (measured:
-# about 1e-6 after 16 steps) and never by a different data order or sample count.
-WEIGHT_TOLERANCE = 1e-5
+# 2.5e-6 after 16 steps without augmentation, 1.06e-5 with translate and cutout on). Any
+# real difference in what the processes see is far larger: changing translate from 2 to 1
+# pixels, or turning flips off, moves the weights by 3e-2 on this run.
+WEIGHT_TOLERANCE = 1e-4
 
 
 def free_port() -> int:

@@ -192,6 +192,17 @@ def test_fp16_on_cpu_is_refused_with_one_line(tmp_path, tiny_raw, write_params, 
     assert not (tmp_path / "models").exists()
 
 
+def test_compile_without_a_cpp_compiler_is_refused_with_one_line(tmp_path, tiny_raw, write_params, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("pipeline.train.shutil.which", lambda name: None)
+    with pytest.raises(SystemExit) as info:
+        run_train(tmp_path, write_params({"train": {"compile": True}}))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1
+    assert "train.compile on CPU needs a C++ compiler" in err and "set train.compile to false" in err
+    assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_compiled_training_writes_a_plain_artifact_close_to_eager(tmp_path, tiny_raw, write_params, monkeypatch):
     monkeypatch.chdir(tmp_path)
