@@ -6,6 +6,7 @@
 #      then the evaluate stage: wall time and test accuracy.
 # Needs data/raw (carry it). Writes everything under $OUT; each part has its own time limit.
 # Usage: OUT=/tmp/gpu bash scripts/gpu_check.sh
+# Dry run of the plumbing on any machine: BENCH_ARGS=--quick PARAMS=tiny.yaml OUT=/tmp/g bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:?set OUT to a folder for the results}
 mkdir -p "$OUT"
@@ -15,7 +16,7 @@ mkdir -p "$OUT"
   python -c "import dvclive" 2>/dev/null && echo "dvclive present" || echo "dvclive absent (train prints metrics only)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-timeout "${BENCH_LIMIT:-420}" python scripts/benchmark.py --seeds 0 1 2 --targets 0.90 0.91 0.935 \
+timeout "${BENCH_LIMIT:-420}" python scripts/benchmark.py --seeds 0 1 2 --targets 0.90 0.91 0.935 ${BENCH_ARGS:-} \
   --out "$OUT/gpu.json" > "$OUT/benchmark.md" 2> "$OUT/benchmark.log"
 echo "benchmark exit $?" | tee -a "$OUT/summary.txt"
 cat "$OUT/benchmark.md"
@@ -24,11 +25,11 @@ dir="$OUT/launch-bf16"
 mkdir -p "$dir"
 start=$(date +%s.%N)
 timeout "${LAUNCH_LIMIT:-90}" accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision bf16 \
-  --dynamo_backend no pipeline/train.py --model-dir "$dir/models" --live-dir "$dir/live" \
+  --dynamo_backend no pipeline/train.py --params "${PARAMS:-params.yaml}" --model-dir "$dir/models" --live-dir "$dir/live" \
   --checkpoint-dir "$dir/checkpoints" > "$dir/train.log" 2>&1
 echo "launch exit $?" | tee -a "$OUT/summary.txt"
 end=$(date +%s.%N)
-python pipeline/evaluate.py --model-dir "$dir/models" --out "$dir/test.json" --eval-dir "$dir/eval" \
+python pipeline/evaluate.py --params "${PARAMS:-params.yaml}" --model-dir "$dir/models" --out "$dir/test.json" --eval-dir "$dir/eval" \
   > "$dir/evaluate.log" 2>&1
 python - "$dir" "$start" "$end" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import json, sys
