@@ -133,34 +133,37 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float().div_(255.0)
 
 
+# one random stream per use, so turning one augmentation on leaves the others' draws unchanged
+ORDER, FLIP, SHIFT, CUTOUT = 0, 7_919, 104_729, 15_485_863
+
+
+def epoch_rng(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """The CPU generator of ``stream`` for ``epoch``: the same on every process."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch + stream * 100_003)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The epoch's permutation of ``range(n)``, the same on every process."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return torch.randperm(n, generator=epoch_rng(seed, epoch, ORDER))
 
 
 def flip_mask(n: int, seed: int, epoch: int) -> torch.Tensor:
     """Which positions of the epoch's order get a horizontal flip; independent of the process count."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919 * 100_003)
-    return torch.rand(n, generator=g) < 0.5
+    return torch.rand(n, generator=epoch_rng(seed, epoch, FLIP)) < 0.5
 
 
 def shift_offsets(n: int, seed: int, epoch: int, max_shift: int) -> torch.Tensor:
-    """(n, 2) random (dy, dx) translations in ``[-max_shift, max_shift]`` per position of the epoch's order.
-
-    Its own generator, so the flips (and everything else) stay the same when translation is turned on.
-    """
+    """(n, 2) random (dy, dx) translations in ``[-max_shift, max_shift]`` per position of the epoch's order."""
     if max_shift == 0:
         return torch.zeros(n, 2, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 104_729 * 100_003)
-    return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=g)
+    return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=epoch_rng(seed, epoch, SHIFT))
 
 
 def cutout_centers(n: int, seed: int, epoch: int, size: int, image_size: int = 28) -> torch.Tensor:
     """(n, 2) random (row, col) centres of the erased square per position of the epoch's order."""
     if size == 0:
         return torch.zeros(n, 2, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 15_485_863 * 100_003)
-    return torch.randint(0, image_size, (n, 2), generator=g)
+    return torch.randint(0, image_size, (n, 2), generator=epoch_rng(seed, epoch, CUTOUT))
 
 
 def batch_cutout(images: torch.Tensor, centers: torch.Tensor, size: int) -> torch.Tensor:
@@ -226,18 +229,27 @@ def rank_batches(
     start: int = 0,
     max_shift: int = 0,
     cutout: int = 0,
+    device: torch.device | str = "cpu",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (indices, flip, shift, cutout centre) for this rank's share of each global batch of the epoch.
 
     Every global batch of ``batch_size`` is cut into ``world`` equal contiguous shards, so
     the union over ranks is exactly the single-process batch. ``start`` skips the first
-    steps, for resuming mid-epoch in exactly the same order.
+    steps, for resuming mid-epoch in exactly the same order. The epoch's draws are made on
+    the CPU (the same on every device) and moved to ``device`` once, not once per step.
     """
     if batch_size % world:
         raise DataError(f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world})")
     local = batch_size // world
-    order, flips = epoch_order(n, seed, epoch), flip_mask(n, seed, epoch)
-    shifts, centers = shift_offsets(n, seed, epoch, max_shift), cutout_centers(n, seed, epoch, cutout)
+    order, flips, shifts, centers = (
+        t.to(device)
+        for t in (
+            epoch_order(n, seed, epoch),
+            flip_mask(n, seed, epoch),
+            shift_offsets(n, seed, epoch, max_shift),
+            cutout_centers(n, seed, epoch, cutout),
+        )
+    )
     for step in range(start, steps_per_epoch(n, batch_size)):
         lo = step * batch_size + rank * local
         yield order[lo : lo + local], flips[lo : lo + local], shifts[lo : lo + local], centers[lo : lo + local]

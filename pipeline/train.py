@@ -167,6 +167,7 @@ class Trainer:
             self.state.step,
             max_shift=cfg.translate,
             cutout=cfg.cutout,
+            device=self.device,
         )
         steps = steps_per_epoch(len(self.train), cfg.batch_size)
         bar = tqdm(  # a terminal gets a live bar; logs (CI, dvc repro > file) get the one line per epoch
@@ -178,10 +179,8 @@ class Trainer:
             leave=False,
             disable=not (acc.is_main_process and sys.stderr.isatty()),
         )
-        for idx, *aug in batches:
-            idx = idx.to(self.device, non_blocking=True)
+        for idx, flip, shift, centers in batches:  # already on the device
             images, labels = self.train.images[idx], self.train.labels[idx]
-            flip, shift, centers = (t.to(self.device, non_blocking=True) for t in aug)
             images = augment(images, flip, shift, centers, cfg.hflip, cfg.translate, cfg.cutout)
             inputs = to_input(images)
             if cfg.channels_last:

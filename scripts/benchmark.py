@@ -317,15 +317,13 @@ def profile_data_path(data: Path, recipe: str, steps: int = 50) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train = load_split(data, "train").to(device)
     translate, cutout = cfg.get("translate", 0), cfg.get("cutout", 0)
-    batches = rank_batches(len(train), cfg["batch_size"], 0, 0, 0, 1, max_shift=translate, cutout=cutout)
+    batches = rank_batches(len(train), cfg["batch_size"], 0, 0, 0, 1, max_shift=translate, cutout=cutout, device=device)
     times = []
-    for k, (idx, *aug) in enumerate(batches):
+    for k, (idx, flip, shift, centers) in enumerate(batches):
         if k == steps:
             break
         sync()
         t0 = time.perf_counter()
-        idx = idx.to(device)
-        flip, shift, centers = (t.to(device) for t in aug)
         images = augment(train.images[idx], flip, shift, centers, cfg["hflip"], translate, cutout)
         x = to_input(images)
         if cfg["channels_last"]:

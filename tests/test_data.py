@@ -197,3 +197,10 @@ def test_to_input_scales_to_unit_range_with_a_channel_axis():
 
 def test_class_names_are_the_ten_fashion_mnist_labels_in_order():
     assert len(CLASSES) == 10 and CLASSES[0] == "T-shirt/top" and CLASSES[9] == "Ankle boot"
+
+
+def test_rank_batches_move_the_epochs_draws_to_the_requested_device_once():
+    batches = list(rank_batches(40, 10, 1, 0, 0, 1, max_shift=2, cutout=4, device="meta"))
+    assert len(batches) == 4 and all(t.device.type == "meta" for b in batches for t in b)
+    cpu = list(rank_batches(40, 10, 1, 0, 0, 1, max_shift=2, cutout=4))
+    assert all(t.device.type == "cpu" for b in cpu for t in b)
