@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -43,6 +44,24 @@ def test_bn_cnn_maps_a_batch_to_ten_logits_and_round_trips(tmp_path):
     assert float(loaded.features[1].running_mean.abs().sum()) > 0
     loaded.eval()
     assert torch.equal(loaded(x), model(x))  # running statistics travel with the weights
+
+
+def test_bn_cnn_trained_with_sync_batchnorm_saves_a_plain_artifact(tmp_path):
+    """Multi-GPU runs swap BatchNorm for SyncBatchNorm; the artifact must still load as the plain model."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="bn_cnn")
+    model = build_model(cfg)
+    model(torch.rand(8, 1, 28, 28))  # a training-mode batch moves the running statistics
+    reference = copy.deepcopy(model).eval()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # what train does on several GPUs
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn > 0
+    save_artifact(synced.eval(), cfg, tmp_path / "m")
+    loaded, _ = load_artifact(tmp_path / "m")
+    loaded.eval()
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in loaded.modules())
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(loaded(x), reference(x))  # same weights and running statistics
 
 
 def test_flatten_follows_the_image_size():
