@@ -9,6 +9,10 @@ Two measurements on the same machine, in one process:
 2. **This pipeline's step** at the default recipe (and under bf16): ``torch.profiler`` over
    ``--steps`` steps, the top operators by self CPU time, grouped into convolution,
    matmul, optimizer and data path.
+3. **A compute ceiling**: the floating-point work of one training sample (forward + backward,
+   counted by ``torch.utils.flop_counter``) against the rate of a large dense matmul on this
+   machine in fp32 and bf16. ``ceiling_samples_per_s`` is what the step would reach if every
+   FLOP ran as fast as that matmul, an upper bound no real convolution of this size reaches.
 
 This is what bounds the CPU speed-up: see the README's Performance section.
 """
@@ -129,6 +133,40 @@ def pipeline_profile(data: Path, steps: int, bf16: bool) -> dict:
     }
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 20) -> float:
+    """Rate of a large square matmul: close to the best this machine's BLAS/oneDNN does."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def compute_ceiling(seed_samples_per_s: float) -> dict:
+    """FLOPs per training sample against this machine's dense-matmul rate, and what 8x the seed loop needs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(ModelConfig())
+    x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    flops = counter.get_total_flops() / 128
+    needed = 8 * seed_samples_per_s
+    report: dict = {
+        "mflop_per_sample": round(flops / 1e6, 2),
+        "seed_loop_samples_per_s": round(seed_samples_per_s, 1),
+        "samples_per_s_for_8x_seed": round(needed, 1),
+        "gflops_needed_for_8x_seed": round(needed * flops / 1e9, 1),
+    }
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rate = matmul_gflops(dtype)
+        report[f"matmul_gflops_{name}"] = round(rate, 1)
+        report[f"ceiling_samples_per_s_{name}"] = round(rate * 1e9 / flops, 1)
+    return report
+
+
 def main() -> int:
     args = parse_args()
     data = Path(args.data)
@@ -136,12 +174,14 @@ def main() -> int:
         print(f"error: no IDX files in {data}; run `dvc repro download`", file=sys.stderr)
         return 1
     torch.set_num_threads(torch.get_num_threads())
+    seed = seed_loop_split(data, args.steps)
     report = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "seed_loop": seed_loop_split(data, args.steps),
+        "seed_loop": seed,
         "pipeline_fp32": pipeline_profile(data, args.steps, bf16=False),
         "pipeline_bf16": pipeline_profile(data, args.steps, bf16=True),
+        "compute_ceiling": compute_ceiling(1e6 / (seed["data_us_per_sample"] + seed["compute_us_per_sample"])),
     }
     print(json.dumps(report, indent=2))
     if args.out:

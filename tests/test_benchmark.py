@@ -104,3 +104,9 @@ def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
         shares = report[key]["share_by_group"]
         assert shares["convolution"] > 0 and sum(shares.values()) <= 1.0001
         assert report[key]["top_ops"] and report[key]["samples_per_s_profiled"] > 0
+    ceiling = report["compute_ceiling"]
+    assert 10 < ceiling["mflop_per_sample"] < 20  # the tutorial CNN: ~16 MFLOP forward + backward
+    assert ceiling["samples_per_s_for_8x_seed"] > ceiling["seed_loop_samples_per_s"] > 0
+    for dtype in ("fp32", "bf16"):
+        expected = ceiling[f"matmul_gflops_{dtype}"] * 1e3 / ceiling["mflop_per_sample"]
+        assert ceiling[f"ceiling_samples_per_s_{dtype}"] == pytest.approx(expected, rel=1e-3)
