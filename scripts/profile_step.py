@@ -12,7 +12,8 @@ Two measurements on the same machine, in one process:
 3. **A compute ceiling**: the floating-point work of one training sample (forward + backward,
    counted by ``torch.utils.flop_counter``) against the rate of a large dense matmul on this
    machine in fp32 and bf16. ``ceiling_samples_per_s`` is what the step would reach if every
-   FLOP ran as fast as that matmul, an upper bound no real convolution of this size reaches.
+   FLOP ran as fast as that matmul. Beside it, the rate each of the CNN's convolutions
+   actually runs at inside the step (forward and backward, from the profiler's per-shape times).
 
 This is what bounds the CPU speed-up: see the README's Performance section.
 """
@@ -167,6 +168,45 @@ def compute_ceiling(seed_samples_per_s: float) -> dict:
     return report
 
 
+def conv_rates(steps: int, batch: int = 128) -> list[dict]:
+    """Time and GFLOP/s of each convolution of the tutorial CNN's fp32 step (channels_last), forward and backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.002)
+    x = torch.rand(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(10):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    layers: dict[tuple, dict] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key == "aten::mkldnn_convolution":
+            (n, c_in, h, w), weight, kind = e.input_shapes[0], e.input_shapes[1], "forward"
+        elif e.key == "aten::convolution_backward":
+            (n, c_in, h, w), weight, kind = e.input_shapes[1], e.input_shapes[2], "backward"
+        else:
+            continue
+        c_out, _, kh, kw = weight
+        macs = n * c_out * (h - kh + 1) * (w - kw + 1) * c_in * kh * kw  # stride 1, no padding (the tutorial CNN)
+        # backward computes the weight gradient, and the input gradient except for the first layer (its input is data)
+        passes = 1 if kind == "forward" or (h, w) == tuple(x.shape[2:]) else 2
+        ms = e.cpu_time_total / e.count / 1e3
+        row = layers.setdefault(tuple(weight), {"layer": f"{c_in}->{c_out} {kh}x{kw} on {h}x{w}"})
+        row[f"{kind}_ms"] = round(ms, 3)
+        row[f"{kind}_gflops"] = round(2 * macs * passes / (ms / 1e3) / 1e9, 1)
+    return list(layers.values())
+
+
 def main() -> int:
     args = parse_args()
     data = Path(args.data)
@@ -182,6 +222,7 @@ def main() -> int:
         "pipeline_fp32": pipeline_profile(data, args.steps, bf16=False),
         "pipeline_bf16": pipeline_profile(data, args.steps, bf16=True),
         "compute_ceiling": compute_ceiling(1e6 / (seed["data_us_per_sample"] + seed["compute_us_per_sample"])),
+        "conv_rates_fp32": conv_rates(args.steps),
     }
     print(json.dumps(report, indent=2))
     if args.out:

@@ -110,3 +110,7 @@ def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
     for dtype in ("fp32", "bf16"):
         expected = ceiling[f"matmul_gflops_{dtype}"] * 1e3 / ceiling["mflop_per_sample"]
         assert ceiling[f"ceiling_samples_per_s_{dtype}"] == pytest.approx(expected, rel=1e-3)
+    convs = report["conv_rates_fp32"]
+    layers = {"1->16 3x3 on 28x28", "16->16 3x3 on 26x26", "16->32 5x5 on 12x12", "32->32 5x5 on 8x8"}
+    assert {c["layer"] for c in convs} == layers  # the tutorial CNN's four convolutions, each timed both ways
+    assert all(c["forward_gflops"] > 0 and c["backward_gflops"] > 0 for c in convs)
