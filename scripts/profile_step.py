@@ -1,6 +1,6 @@
 """Where a training step's time goes: ``python scripts/profile_step.py [--steps 60] [--out benchmarks/profile.json]``.
 
-Two measurements on the same machine, in one process:
+Three measurements on the same machine, in one process:
 
 1. **The seed tutorial's loop** (PIL + ``ToTensor`` DataLoader, batch 32, 2 workers): the time
    the loop waits for the next batch (data) against the time of forward + backward + step
