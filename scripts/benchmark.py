@@ -2,7 +2,8 @@
 
 Two parts, each variant in its own process (so peak memory is its own), on the same machine:
 
-**throughput** (``--samples`` training images per epoch, 2 epochs, the second one timed):
+**throughput** (``--samples`` training images per epoch, 2 epochs, the second one timed; ``--repeats``
+rounds of every variant in turn, reported as medians, each ratio to the seed loop paired by round):
 
 - ``seed``: the tutorial's loop, faithfully: torchvision ``FashionMNIST`` with PIL images,
   ``ToTensor`` + ``Normalize``, ``DataLoader(batch_size=32, shuffle=True, num_workers=2)``,
@@ -29,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +71,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), help="throughput rows")
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="time-to-accuracy rows")
     p.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.91], help="test accuracies to time")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="throughput rounds, each running every variant once in turn; rows give the median and each ratio "
+        "is the median of the per-round ratios, so a slow spell on a shared machine hits both sides "
+        "(default: %(default)s; 1 with --quick)",
+    )
     p.add_argument(
         "--seeds",
         type=int,
@@ -387,23 +397,31 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     jobs = []
     if "throughput" in args.parts:
-        jobs += ["throughput:seed"] + [f"throughput:{o}" for o in args.options if gpu or o not in GPU_ONLY]
+        variants = ["seed"] + [o for o in args.options if gpu or o not in GPU_ONLY]
+        rounds = 1 if args.quick else args.repeats
+        jobs += [f"throughput:{v}#{r}" for r in range(rounds) for v in variants]
     if "accuracy" in args.parts:
         per_seed = len(args.seeds) > 1
         jobs += ["accuracy:seed"] + [f"accuracy:{r}/seed{s}" if per_seed else f"accuracy:{r}"
                                      for r in args.recipes for s in args.seeds]  # fmt: skip
     jobs += [f"datapath:{r}" for r in RECIPES]
     results: dict[str, dict] = {"throughput": {}, "accuracy": {}, "datapath": {}}
+    rounds: dict[str, list[dict]] = {}  # throughput variant -> one result per round
     for job in jobs:
-        cmd = [sys.executable, __file__, "--job", job, "--data", str(data), "--samples", str(samples),
-               "--seeds", *map(str, args.seeds), *(["--quick"] if args.quick else [])]  # fmt: skip
+        cmd = [sys.executable, __file__, "--job", job.partition("#")[0], "--data", str(data), "--samples",
+               str(samples), "--seeds", *map(str, args.seeds), *(["--quick"] if args.quick else [])]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"error: {job} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
         kind, _, name = job.partition(":")
-        results[kind][name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{job}: {results[kind][name]}", file=sys.stderr, flush=True)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if kind == "throughput":
+            rounds.setdefault(name.partition("#")[0], []).append(result)
+        else:
+            results[kind][name] = result
+        print(f"{job}: {result}", file=sys.stderr, flush=True)
+    results["throughput"] = merge_rounds(rounds)
     report = summarise(results, args.targets)
     report["machine"] = machine_info(samples)
     print(markdown(report))
@@ -413,11 +431,34 @@ def main() -> int:
     return 0
 
 
+def merge_rounds(rounds: dict[str, list[dict]]) -> dict[str, dict]:
+    """One row per throughput variant from its rounds: medians, the per-round rates, and ratios to the seed loop.
+
+    Round ``r`` of every variant ran back to back, so ``rate_r / seed_rate_r`` compares runs made
+    minutes apart; the row's ratio is the median of those, with their range.
+    """
+    seed = [r["samples_per_s"] for r in rounds.get("seed", [])]
+    rows = {}
+    for name, runs in rounds.items():
+        rates = [r["samples_per_s"] for r in runs]
+        row = {**runs[0], "samples_per_s": round(statistics.median(rates), 1), "samples_per_s_rounds": rates}
+        if "first_epoch_samples_per_s" in runs[0]:
+            row["first_epoch_samples_per_s"] = round(statistics.median(r["first_epoch_samples_per_s"] for r in runs), 1)
+        for key in ("peak_rss_mb", "peak_gpu_mb"):
+            if key in runs[0]:
+                row[key] = max(r[key] for r in runs)
+        if len(seed) == len(rates):
+            ratios = [mine / theirs for mine, theirs in zip(rates, seed, strict=True)]
+            row["ratio_vs_seed"] = round(statistics.median(ratios), 2)
+            row["ratio_vs_seed_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+        else:
+            row["ratio_vs_seed"] = None
+        rows[name] = row
+    return rows
+
+
 def summarise(results: dict[str, dict], targets: list[float]) -> dict:
     """Ratios to the seed loop, times to each target, and the data path's share of a step."""
-    base = results["throughput"].get("seed", {}).get("samples_per_s")
-    for row in results["throughput"].values():
-        row["ratio_vs_seed"] = round(row["samples_per_s"] / base, 2) if base else None
     seed = results["accuracy"].get("seed")
     for row in results["accuracy"].values():
         row["final_test_accuracy"] = row["curve"][-1]["test_accuracy"]
@@ -469,12 +510,15 @@ def markdown(report: dict) -> str:
     gpu = m["device"] != "cpu"
     mem = "| peak RSS (MB) |" + (" peak GPU (MB) |" if gpu else "")
     if report["throughput"]:
-        lines += [f"Throughput ({m['throughput_samples_per_epoch']} samples per timed epoch):\n",
-                  "| variant | samples/s | × seed | first epoch samples/s " + mem,
-                  "|---|---:|---:|---:|---:|" + ("---:|" if gpu else "")]  # fmt: skip
+        n = max(len(r["samples_per_s_rounds"]) for r in report["throughput"].values())
+        lines += [f"Throughput ({m['throughput_samples_per_epoch']} samples per timed epoch; median of {n} rounds, "
+                  "× seed: median of the per-round ratios, with their range):\n",
+                  "| variant | samples/s | × seed | × seed range | first epoch samples/s " + mem,
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]  # fmt: skip
         for name, r in report["throughput"].items():
             first = f"{r['first_epoch_samples_per_s']:.0f}" if "first_epoch_samples_per_s" in r else ""
-            lines.append(f"| {name} | {r['samples_per_s']:.0f} | {r['ratio_vs_seed']} | {first} | "
+            spread = "-".join(map(str, r.get("ratio_vs_seed_range", [])))
+            lines.append(f"| {name} | {r['samples_per_s']:.0f} | {r['ratio_vs_seed']} | {spread} | {first} | "
                          f"{r['peak_rss_mb']:.0f} |" + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))  # fmt: skip
     if report["accuracy"]:
         heads = " | ".join(f"to {float(t):.1%} (× seed)" for t in report["targets"])

@@ -27,6 +27,7 @@ def test_quick_benchmark_reports_every_variant_and_recipe_against_the_seed_loop(
     assert set(speed) == {"seed"} | cpu_options  # cudnn-benchmark is GPU-only
     for row in speed.values():
         assert row["samples_per_s"] > 0 and row["peak_rss_mb"] > 0 and row["ratio_vs_seed"] > 0
+        assert row["samples_per_s_rounds"] == [row["samples_per_s"]]  # --quick: one round
     assert speed["seed"]["ratio_vs_seed"] == 1.0
     assert speed["default"]["samples"] == 1920 and speed["bf16-b512"]["samples"] == 1536  # whole global batches
     accuracy = report["accuracy"]
@@ -114,3 +115,20 @@ def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
     layers = {"1->16 3x3 on 28x28", "16->16 3x3 on 26x26", "16->32 5x5 on 12x12", "32->32 5x5 on 8x8"}
     assert {c["layer"] for c in convs} == layers  # the tutorial CNN's four convolutions, each timed both ways
     assert all(c["forward_gflops"] > 0 and c["backward_gflops"] > 0 for c in convs)
+
+
+def test_throughput_rounds_give_medians_and_ratios_paired_by_round():
+    bench = load_benchmark()
+    seed = [{"samples_per_s": r, "peak_rss_mb": 800.0} for r in (2000.0, 1000.0, 2100.0)]
+    default = [{"samples_per_s": r, "first_epoch_samples_per_s": f, "peak_rss_mb": m}
+               for r, f, m in ((6000.0, 4000.0, 900.0), (3000.0, 2000.0, 950.0), (7350.0, 5000.0, 910.0))]  # fmt: skip
+    rows = bench.merge_rounds({"seed": seed, "default": default})
+    assert rows["seed"]["ratio_vs_seed"] == 1.0 and rows["seed"]["ratio_vs_seed_range"] == [1.0, 1.0]
+    row = rows["default"]
+    assert row["samples_per_s"] == 6000.0 and row["samples_per_s_rounds"] == [6000.0, 3000.0, 7350.0]
+    # round 2 hit a slow spell on both sides: paired with its own seed run it is still 3.0x, not 1.5x
+    assert row["ratio_vs_seed"] == 3.0 and row["ratio_vs_seed_range"] == [3.0, 3.5]
+    assert row["first_epoch_samples_per_s"] == 4000.0 and row["peak_rss_mb"] == 950.0
+    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2", "throughput_samples_per_epoch": 20000}
+    table = bench.markdown({"throughput": rows, "accuracy": {}, "datapath": {}, "machine": machine})
+    assert "median of 3 rounds" in table and "| default | 6000 | 3.0 | 3.0-3.5 | 4000 | 950 |" in table
