@@ -53,6 +53,7 @@ OPTIONS: dict[str, dict] = {
 }
 GPU_ONLY = {"cudnn-benchmark"}
 RECIPES = ("default", "fast", "beyond")
+PARTS = ("throughput", "accuracy", "datapath")
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,7 +68,7 @@ def parse_args() -> argparse.Namespace:
         help="a smoke run for CI: 2,000 samples per throughput epoch; recipes on 2,500 train / 1,000 test "
         "samples for at most 2 epochs",
     )
-    p.add_argument("--parts", nargs="+", choices=("throughput", "accuracy"), default=["throughput", "accuracy"])
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     p.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), help="throughput rows")
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="time-to-accuracy rows")
     p.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.91], help="test accuracies to time")
@@ -404,7 +405,8 @@ def main() -> int:
         per_seed = len(args.seeds) > 1
         jobs += ["accuracy:seed"] + [f"accuracy:{r}/seed{s}" if per_seed else f"accuracy:{r}"
                                      for r in args.recipes for s in args.seeds]  # fmt: skip
-    jobs += [f"datapath:{r}" for r in RECIPES]
+    if "datapath" in args.parts:
+        jobs += [f"datapath:{r}" for r in RECIPES]
     results: dict[str, dict] = {"throughput": {}, "accuracy": {}, "datapath": {}}
     rounds: dict[str, list[dict]] = {}  # throughput variant -> one result per round
     for job in jobs:
@@ -511,7 +513,8 @@ def markdown(report: dict) -> str:
     mem = "| peak RSS (MB) |" + (" peak GPU (MB) |" if gpu else "")
     if report["throughput"]:
         n = max(len(r["samples_per_s_rounds"]) for r in report["throughput"].values())
-        lines += [f"Throughput ({m['throughput_samples_per_epoch']} samples per timed epoch; median of {n} rounds, "
+        rounds = f"{n} rounds" if n > 1 else "1 round"
+        lines += [f"Throughput ({m['throughput_samples_per_epoch']} samples per timed epoch; median of {rounds}, "
                   "× seed: median of the per-round ratios, with their range):\n",
                   "| variant | samples/s | × seed | × seed range | first epoch samples/s " + mem,
                   "|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]  # fmt: skip
