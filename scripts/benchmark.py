@@ -26,6 +26,7 @@ step time. Results go to ``--out`` as JSON and to stdout as Markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +158,22 @@ def seed_net():  # type: ignore[no-untyped-def]
     return Net()
 
 
+@contextlib.contextmanager
+def seed_datasets(data: Path) -> Iterator[tuple]:
+    """The tutorial's datasets: torchvision ``FashionMNIST`` train and test sets, PIL images through
+    ``ToTensor`` + ``Normalize``, read from the verified IDX files in ``data`` (linked, not copied)."""
+    from torchvision import datasets, transforms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "FashionMNIST" / "raw"  # torchvision's layout
+        raw.mkdir(parents=True)
+        for f in data.iterdir():
+            (raw / f.name).symlink_to(f.resolve())
+        tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        yield (datasets.FashionMNIST(tmp, train=True, download=False, transform=tf),
+               datasets.FashionMNIST(tmp, train=False, download=False, transform=tf))  # fmt: skip
+
+
 def run_seed(data: Path, train_samples: int, epochs: int, test_samples: int, time_only: int = 0) -> dict:
     """The tutorial's loop over the first ``train_samples`` images (0 = all) for ``epochs``.
 
@@ -165,17 +183,9 @@ def run_seed(data: Path, train_samples: int, epochs: int, test_samples: int, tim
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, Subset
-    from torchvision import datasets, transforms
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "FashionMNIST" / "raw"  # torchvision's layout, linked to the verified files
-        raw.mkdir(parents=True)
-        for f in data.iterdir():
-            (raw / f.name).symlink_to(f.resolve())
-        tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-        trainset = datasets.FashionMNIST(tmp, train=True, download=False, transform=tf)
-        testset = datasets.FashionMNIST(tmp, train=False, download=False, transform=tf)
+    with seed_datasets(data) as (trainset, testset):
         n = len(trainset) if not train_samples else min(len(trainset), train_samples)
         if time_only:
             n = min(len(trainset), time_only + 20 * 32)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.data import augment, load_split, rank_batches, to_input  # noqa: E402
 from pipeline.model import ModelConfig, build_model  # noqa: E402
-from scripts.benchmark import seed_net  # noqa: E402  (the seed loop's CNN, defined once)
+from scripts.benchmark import seed_datasets, seed_net  # noqa: E402  (the seed loop's data and CNN, defined once)
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,15 +48,8 @@ def parse_args() -> argparse.Namespace:
 def seed_loop_split(data: Path, steps: int) -> dict:
     """Per-sample data wait vs compute of the tutorial's loop (its CNN, Adam 1e-3, batch 32)."""
     from torch.utils.data import DataLoader, Subset
-    from torchvision import datasets, transforms
 
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "FashionMNIST" / "raw"
-        raw.mkdir(parents=True)
-        for f in data.iterdir():
-            (raw / f.name).symlink_to(f.resolve())
-        tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-        trainset = datasets.FashionMNIST(tmp, train=True, download=False, transform=tf)
+    with seed_datasets(data) as (trainset, _):
         loader = DataLoader(Subset(trainset, range((steps + 20) * 32)), batch_size=32, shuffle=True, num_workers=2)
         torch.manual_seed(0)
         net = seed_net()
