@@ -208,6 +208,19 @@ def _check_ranges(p: Params) -> None:
     need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {p.evaluate.batch_size}")
 
 
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``raw`` params with ``overrides`` ({section: {key: value}}, a recipe file's shape) laid over it.
+
+    Returns a new mapping; unknown keys are left for :func:`parse_params` to name.
+    """
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for section, values in (overrides or {}).items():
+        if not isinstance(merged.get(section), dict) or not isinstance(values, dict):
+            raise ParamsError(f"override section {section!r} is not a params section; allowed: {', '.join(raw)}")
+        merged[section].update(values)
+    return merged
+
+
 def parse_params(raw: Any) -> Params:
     """Validate an already-parsed params mapping and return typed :class:`Params`."""
     params: Params = _build(Params, raw, "")

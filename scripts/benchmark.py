@@ -229,11 +229,12 @@ def recipe_params(recipe: str) -> dict:
     """params.yaml with ``recipes/<recipe>.yaml`` merged on top (``default``: params.yaml as is)."""
     import yaml
 
+    from pipeline.params import with_overrides
+
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    if recipe != "default":
-        for section, values in (yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text()) or {}).items():
-            params[section].update(values)
-    return params
+    if recipe == "default":
+        return params
+    return with_overrides(params, yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text()))
 
 
 def train_stage(params: dict, data: Path, tmp: Path) -> Path:

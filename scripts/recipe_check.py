@@ -22,7 +22,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.params import load_params  # noqa: E402
+from pipeline.errors import cli  # noqa: E402
+from pipeline.params import load_params, with_overrides  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -36,16 +37,16 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+@cli
 def main() -> int:
     args = parse_args()
     base = yaml.safe_load(Path(args.params).read_text())
     if args.recipe:
-        for section, values in yaml.safe_load((ROOT / "recipes" / f"{args.recipe}.yaml").read_text()).items():
-            base[section].update(values)
+        base = with_overrides(base, yaml.safe_load((ROOT / "recipes" / f"{args.recipe}.yaml").read_text()))
     for item in args.set:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
-        base[section][name] = yaml.safe_load(value)
+        base = with_overrides(base, {section: {name: yaml.safe_load(value)}})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:

@@ -132,3 +132,29 @@ def test_throughput_rounds_give_medians_and_ratios_paired_by_round():
     machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2", "throughput_samples_per_epoch": 20000}
     table = bench.markdown({"throughput": rows, "accuracy": {}, "datapath": {}, "machine": machine})
     assert "median of 3 rounds" in table and "| default | 6000 | 3.0 | 3.0-3.5 | 4000 | 950 |" in table
+
+
+def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path):
+    import yaml
+
+    raw = write_raw(tmp_path / "raw", n_train=600, n_test=100)
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    base["data"].update(subset=0, val_size=100)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(base))
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "recipe_check.py"), "--params", str(params), "--data", str(raw)]
+    proc = subprocess.run(
+        [*cmd, "--recipe", "fast", "--set", "train.epochs=1", "--seeds", "0", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    train = report["params"]["train"]
+    assert train["label_smoothing"] == 0.1 and train["mixed_precision"] == "bf16"  # from recipes/fast.yaml
+    assert train["epochs"] == 1  # --set wins over the recipe
+    assert [r["seed"] for r in report["runs"]] == [0, 1]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in report["runs"])
+    bad = subprocess.run([*cmd, "--set", "trian.epochs=1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: override section 'trian' is not a params section")
+    assert "Traceback" not in bad.stderr

@@ -101,3 +101,15 @@ def test_invalid_yaml_is_reported(tmp_path):
     path.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="is not valid YAML"):
         load_params(path)
+
+
+def test_overrides_lay_a_recipe_over_params_without_touching_the_original():
+    from pipeline.params import with_overrides
+
+    raw = {"train": {"epochs": 10, "lr": 0.002}, "model": {"name": "tutorial_cnn"}}
+    merged = with_overrides(raw, {"train": {"epochs": 7}})
+    assert merged == {"train": {"epochs": 7, "lr": 0.002}, "model": {"name": "tutorial_cnn"}}
+    assert raw["train"]["epochs"] == 10  # a new mapping, the base is left as it was
+    assert with_overrides(raw, None) == raw
+    with pytest.raises(ParamsError, match="'trian' is not a params section; allowed: train, model"):
+        with_overrides(raw, {"trian": {"epochs": 7}})

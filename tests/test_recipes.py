@@ -6,7 +6,7 @@ import shlex
 import pytest
 import yaml
 
-from pipeline.params import parse_params
+from pipeline.params import as_dict, parse_params, with_overrides
 from tests.conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -32,11 +32,11 @@ def test_there_are_fast_and_beyond_recipes():
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_merged_over_params_is_valid(path):
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in yaml.safe_load(path.read_text()).items():
-        base[section].update(values)
-    params = parse_params(base)
+    recipe = yaml.safe_load(path.read_text())
+    params = parse_params(with_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), recipe))
     assert params.train.epochs >= 1
+    assert as_dict(params)["train"] | recipe.get("train", {}) == as_dict(params)["train"]  # the recipe took effect
+    assert as_dict(params)["model"] | recipe.get("model", {}) == as_dict(params)["model"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
