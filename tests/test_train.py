@@ -214,3 +214,19 @@ def test_compiled_training_writes_a_plain_artifact_close_to_eager(tmp_path, tiny
     assert compiled.keys() == eager.keys()  # no _orig_mod. prefixes
     diff = max((compiled[k] - eager[k]).abs().max().item() for k in eager)
     assert diff < 1e-3  # inductor fuses and reorders float ops; the same training, not bitwise
+
+
+def test_optimizer_impl_picks_the_adamw_kernels():
+    from pipeline.model import ModelConfig, build_model
+    from pipeline.params import TrainParams
+    from pipeline.train import make_optimizer
+
+    model = build_model(ModelConfig())
+    kernels = {
+        impl: {k: make_optimizer(model, TrainParams(optimizer_impl=impl)).defaults[k] for k in ("foreach", "fused")}
+        for impl in ("auto", "for_loop", "foreach", "fused")
+    }
+    assert kernels["auto"] == {"foreach": None, "fused": None}  # torch decides per device
+    assert kernels["for_loop"] == {"foreach": False, "fused": None}
+    assert kernels["foreach"] == {"foreach": True, "fused": None}
+    assert kernels["fused"] == {"foreach": None, "fused": True}
