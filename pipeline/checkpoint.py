@@ -1,25 +1,33 @@
-"""Training checkpoints: full state, written atomically, found again after a kill.
+"""Training checkpoints: full state, written atomically, kept per run, resumed only by the same run.
 
-A checkpoint is a folder ``checkpoints/step-00000421/`` holding
+Each run (a :class:`~pipeline.provenance.RunKey`: code, data, training params, process count) has its
+own folder, named by the key's fingerprint::
+
+    checkpoints/<fingerprint>/run.json             the key, to say later what differs
+    checkpoints/<fingerprint>/step-00000421/       one checkpoint, named by global step
+
+so an interrupted experiment keeps its state while others run, up to ``train.keep_runs`` runs. A
+checkpoint folder holds
 
 - ``model.safetensors`` and ``best.safetensors``: current and best-by-validation weights;
 - ``optimizer.pt`` and ``scheduler.pt``: their ``state_dict``s, read with ``weights_only=True``;
-- ``state.json``: epoch, step within the epoch, running epoch sums, history of logged rows,
-  the params fingerprint and the RNG state.
+- ``rng.safetensors`` and ``state.json``: epoch, step within the epoch, running epoch sums, the history
+  of logged rows.
 
-It is built in a temporary folder and renamed into place, so a folder named ``step-*`` is
-always complete; a kill during a save leaves only a ``.tmp-*`` folder, removed on the next
-start. Names carry the global step, so keeping the last K survives restarts.
+It is built in a temporary folder and renamed into place, so a folder named ``step-*`` is always
+complete; a kill during a save leaves only a ``.tmp-*`` folder, removed on the next start. Before a
+checkpoint is resumed, :func:`misfit` checks that every part fits the model and schedule at hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +35,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.params import Params, as_dict
+from pipeline.provenance import RunKey, first_difference
 
 PREFIX = "step-"
+RUN_FILE = "run.json"
 
 
 @dataclass
@@ -57,40 +66,34 @@ class Checkpoint:
     rng: torch.Tensor
 
 
-def fingerprint(params: Params, mixed_precision: str = "no") -> str:
-    """Hash of the params that shape training, with the precision in force (the launcher may set it).
+@dataclass(frozen=True)
+class Expected:
+    """What a resumable checkpoint must fit: the fresh model, optimizer and schedule of this run."""
 
-    Checkpoints only resume under the same one.
-    """
-    shaping = {
-        "mixed_precision": mixed_precision,
-        "data": as_dict(params.data),
-        "model": as_dict(params.model),
-        "train": {
-            k: v
-            for k, v in as_dict(params.train).items()
-            if k not in ("eval_batch_size", "checkpoint_every_steps", "keep_checkpoints", "mixed_precision")
-        },
-    }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+    model: dict[str, torch.Tensor]  # state dict (parameters and buffers)
+    param_shapes: list[torch.Size]  # in the optimizer's order
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    epochs: int
+    steps_per_epoch: int
 
 
 def checkpoint_name(global_step: int) -> str:
     return f"{PREFIX}{global_step:08d}"
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
+def list_checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints in the run folder ``run``, oldest first."""
+    if not run.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    found = [p for p in run.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def clean_partial(root: Path) -> None:
+def clean_partial(run: Path) -> None:
     """Remove the temporary folders of saves that a kill interrupted."""
-    if root.is_dir():
-        for p in root.glob(".tmp-*"):
+    if run.is_dir():
+        for p in run.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -99,7 +102,7 @@ def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    root: Path,
+    run: Path,
     state: TrainState,
     model: dict[str, torch.Tensor],
     best: dict[str, torch.Tensor],
@@ -107,9 +110,9 @@ def save_checkpoint(
     scheduler: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write one checkpoint atomically, then drop all but the newest ``keep``."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    """Write one checkpoint atomically into the run folder ``run``, then drop all but the newest ``keep``."""
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=run))
     try:
         save_file(_cpu(model), str(tmp / "model.safetensors"))
         save_file(_cpu(best), str(tmp / "best.safetensors"))
@@ -120,13 +123,13 @@ def save_checkpoint(
         for f in tmp.iterdir():  # contents reach the disk before the rename makes them visible
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
-        final = root / checkpoint_name(state.global_step)
+        final = run / checkpoint_name(state.global_step)
         if final.exists():  # the same step saved again (e.g. a resumed run finishing) - replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(root)[:-keep]:
+    for old in list_checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -145,33 +148,173 @@ def read_checkpoint(path: Path) -> Checkpoint:
     )
 
 
-def latest_checkpoint(root: Path, expected_fingerprint: str) -> tuple[Checkpoint | None, list[str]]:
-    """The newest readable checkpoint with ``expected_fingerprint``, and what was said on the way.
+def _weights_misfit(name: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> str | None:
+    if got.keys() != want.keys():
+        return f"its {name} has other tensors ({sorted(set(got) ^ set(want))[:2]})"
+    for k, v in want.items():
+        if got[k].shape != v.shape or got[k].dtype != v.dtype:
+            return f"its {name} tensor {k} is {tuple(got[k].shape)} {got[k].dtype}, the model's {tuple(v.shape)}"
+    return None
 
-    Unreadable checkpoints are reported and skipped for the previous one. If the newest
-    readable one was made under other params, nothing is resumed.
+
+def _optimizer_misfit(got: dict[str, Any], want: dict[str, Any], shapes: list[torch.Size]) -> str | None:
+    groups, want_groups = got.get("param_groups"), want["param_groups"]
+    if not isinstance(groups, list) or [g.get("params") for g in groups] != [g["params"] for g in want_groups]:
+        return "its optimizer state is for other parameters"
+    state = got.get("state")
+    if not isinstance(state, dict) or not set(state) <= set(range(len(shapes))):
+        return "its optimizer state is for other parameters"
+    for index, entry in state.items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape != shapes[index]:
+                return f"its optimizer {name} of parameter {index} is {tuple(value.shape)}, not {tuple(shapes[index])}"
+    return None
+
+
+def misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
+    """Why ``ckpt`` cannot resume the run ``expected`` describes, in a few words; None if it fits."""
+    st, steps = ckpt.state, expected.steps_per_epoch
+    if not (0 <= st.epoch < expected.epochs and 0 <= st.step < steps and st.global_step == st.epoch * steps + st.step):
+        return f"its position (epoch {st.epoch}, step {st.step}, global step {st.global_step}) is out of range"
+    if len(st.history) != st.epoch or len(st.sums) != 3 or not all(math.isfinite(x) for x in st.sums):
+        return "its history or running sums do not match its position"
+    if not -1 <= st.best_epoch < max(st.epoch, 1):
+        return f"its best epoch {st.best_epoch} is out of range"
+    for name, weights in (("model", ckpt.model), ("best weights", ckpt.best)):
+        reason = _weights_misfit(name, weights, expected.model)
+        if reason:
+            return reason
+    reason = _optimizer_misfit(ckpt.optimizer, expected.optimizer, expected.param_shapes)
+    if reason:
+        return reason
+    if set(ckpt.scheduler) != set(expected.scheduler) or ckpt.scheduler.get("last_epoch") != st.global_step:
+        return "its schedule state is of another schedule or position"
+    if ckpt.scheduler.get("total_steps") != expected.scheduler.get("total_steps"):
+        return "its schedule has another length"
+    if ckpt.rng.dtype != torch.uint8 or ckpt.rng.shape != torch.get_rng_state().shape:
+        return "its RNG state is not a torch CPU generator state"
+    return None
+
+
+def latest_checkpoint(run: Path, fits: Callable[[Checkpoint], str | None]) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint in ``run`` that reads and fits, and one line for each one passed over.
+
+    A checkpoint passed over is removed, so it is reported once and never again; the run then resumes
+    from the previous one, or starts fresh when none is left.
     """
     notes: list[str] = []
-    for path in reversed(list_checkpoints(root)):
+    for path in reversed(list_checkpoints(run)):
         try:
             ckpt = read_checkpoint(path)
+            reason = fits(ckpt)
         except Exception as e:  # noqa: BLE001 - any damage means: report, try the previous one
-            notes.append(
-                f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); trying the previous one"
-            )
-            continue
-        if ckpt.state.fingerprint != expected_fingerprint:
-            notes.append(
-                f"checkpoint {path} was made with other training params (fingerprint "
-                f"{ckpt.state.fingerprint} != {expected_fingerprint}); starting fresh"
-            )
-            return None, notes
-        return ckpt, notes
+            reason = f"it is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        if reason is None:
+            return ckpt, notes
+        shutil.rmtree(path, ignore_errors=True)
+        notes.append(f"checkpoint {path} cannot resume this run: {reason}; removed it, trying the previous one")
     return None, notes
 
 
-def clear(root: Path) -> None:
-    """Remove every checkpoint under ``root`` (used when starting fresh under new params)."""
-    for p in list_checkpoints(root):
-        shutil.rmtree(p, ignore_errors=True)
-    clean_partial(root)
+def _finished_epoch(path: Path) -> int | None:
+    try:
+        return int(json.loads((path / "state.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resumable(run: Path, expected: Expected) -> tuple[Checkpoint | None, list[str]]:
+    """The checkpoint that resumes this run, if any, and one line for each thing passed over.
+
+    A finished run is never reused: when the newest checkpoint is the end of training, the run's
+    checkpoints are removed and training starts from scratch.
+    """
+    found = list_checkpoints(run)
+    epoch = _finished_epoch(found[-1]) if found else None
+    if epoch is not None and epoch >= expected.epochs:
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        return None, [f"{found[-1]} is the end of a finished run, which is never reused: training from scratch"]
+    return latest_checkpoint(run, lambda ckpt: misfit(ckpt, expected))
+
+
+def start_run(root: Path, key: RunKey) -> Path:
+    """The run folder of ``key`` under ``root``, created with its ``run.json`` if new."""
+    run = root / key.fingerprint()
+    run.mkdir(parents=True, exist_ok=True)
+    if not (run / RUN_FILE).is_file():
+        tmp = run / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(key.to_json(), indent=1, sort_keys=True))
+        os.replace(tmp, run / RUN_FILE)
+    return run
+
+
+def read_run_key(run: Path) -> RunKey | None:
+    try:
+        return RunKey.from_json(json.loads((run / RUN_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def list_runs(root: Path) -> list[Path]:
+    """Run folders under ``root``, least recently saved first."""
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and (p / RUN_FILE).is_file()]
+    return sorted(runs, key=lambda p: max((c.stat().st_mtime for c in [p, *list_checkpoints(p)]), default=0.0))
+
+
+def remove_run(run: Path) -> None:
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def progress(run: Path) -> str:
+    """How far the run in ``run`` got, from its newest checkpoint's name."""
+    found = list_checkpoints(run)
+    return f"saved at global step {int(found[-1].name[len(PREFIX) :])}" if found else "no checkpoint saved"
+
+
+def _why_not_others(root: Path, run: Path, key: RunKey) -> list[str]:
+    others = [p for p in list_runs(root) if p != run]
+    if not others:
+        return []
+    newest = others[-1]
+    other_key = read_run_key(newest)
+    diff = first_difference(other_key, key) if other_key else "its run.json is unreadable"
+    return [
+        f"no saved state of this run to resume; the newest other run {newest} ({progress(newest)}) differs in "
+        f"{diff}: starting fresh, and keeping that state for its own resume"
+    ]
+
+
+def _prune(root: Path, run: Path, keep_runs: int) -> list[str]:
+    others = [p for p in list_runs(root) if p != run]
+    notes = []
+    for old in others[: max(0, len(others) - (keep_runs - 1))]:
+        notes.append(f"removed the resume state of an older run {old} ({progress(old)}; train.keep_runs: {keep_runs})")
+        remove_run(old)
+    return notes
+
+
+def open_run(
+    root: Path, key: RunKey, expected: Expected, fresh: bool, keep_runs: int
+) -> tuple[Path, Checkpoint | None, list[str]]:
+    """Set up the run folder of ``key`` under ``root``: (folder, checkpoint to resume or None, lines to print).
+
+    ``fresh`` discards this run's checkpoints. Other runs' state is kept, the oldest removed beyond
+    ``keep_runs`` runs in all. When nothing resumes, a line names what differs from the newest other run.
+    """
+    run = root / key.fingerprint()
+    clean_partial(run)
+    notes: list[str] = []
+    ckpt = None
+    if fresh:
+        if list_checkpoints(run):
+            notes.append(f"--fresh: removing this run's checkpoints in {run}")
+        remove_run(run)
+    else:
+        ckpt, notes = resumable(run, expected)
+    if ckpt is None and not notes:
+        notes = _why_not_others(root, run, key)
+    start_run(root, key)
+    return run, ckpt, notes + _prune(root, run, keep_runs)

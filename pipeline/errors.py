@@ -30,8 +30,14 @@ class ModelArtifactError(PipelineError):
     """A model artifact is missing, unknown or inconsistent."""
 
 
+class Stopped(PipelineError):
+    """The run was told to stop (SIGTERM, or the process that started it is gone)."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process ended by it
+
+
 def cli(main: F) -> F:
-    """Wrap a stage's ``main``: a PipelineError becomes ``error: ...`` on stderr and exit 2."""
+    """Wrap a stage's ``main``: a PipelineError becomes ``error: ...`` on stderr and exit 2 (143 if stopped)."""
 
     @functools.wraps(main)
     def wrapper(*args: object, **kwargs: object) -> int | None:
@@ -39,7 +45,7 @@ def cli(main: F) -> F:
             return main(*args, **kwargs)
         except PipelineError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            raise SystemExit(getattr(e, "exit_code", 2)) from None
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr, flush=True)
             raise SystemExit(130) from None

@@ -10,7 +10,9 @@ allowed. Nothing else in the project reads params.yaml.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +24,18 @@ from pipeline.errors import ParamsError
 
 MODEL_NAMES = ("tutorial_cnn", "bn_cnn")
 SCHEDULES = ("onecycle", "constant")
-MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+MIXED_PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZER_IMPLS = ("auto", "for_loop", "foreach", "fused")
 FINAL_MODELS = ("last", "best")
 DEFAULT_SOURCES = (
     "/usr/share/datasets/fashion-mnist",
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 )
+
+
+# Field metadata of a knob that changes speed or disk use but never the trained weights: it is left
+# out of the run key (pipeline/provenance.py), so changing it does not discard resume state.
+BOOKKEEPING = {"shapes_training": False}
 
 
 @dataclass(frozen=True)
@@ -60,15 +67,16 @@ class TrainParams:
     translate: int = 0  # random shift of each training image by up to N pixels in x and y (0 = off)
     cutout: int = 0  # zero a random N x N square of each training image (0 = off)
     label_smoothing: float = 0.0  # cross-entropy label smoothing, in [0, 1)
-    mixed_precision: str = "auto"  # auto (the launcher's setting) | no | bf16 | fp16
+    mixed_precision: str = "fp32"  # fp32 | bf16 | fp16; the launcher may not contradict it
     compile: bool = False  # torch.compile the model (inductor)
     optimizer_impl: str = "auto"  # AdamW kernels: auto (torch's pick) | for_loop | foreach | fused
     cudnn_benchmark: bool = False  # let cuDNN time and pick conv algorithms (GPU only; not bitwise reproducible)
     channels_last: bool = True  # NHWC memory layout for the convolutions (speed only; rounding differs)
     seed: int = 42  # weights init, data order and augmentation
-    eval_batch_size: int = 1000  # validation batch per process; no effect on results
-    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = at epoch ends only
-    keep_checkpoints: int = 2  # newest checkpoints kept in checkpoints/
+    eval_batch_size: int = field(default=1000, metadata=BOOKKEEPING)  # validation batch per process
+    checkpoint_every_steps: int = field(default=0, metadata=BOOKKEEPING)  # also every N steps; 0 = epoch ends only
+    keep_checkpoints: int = field(default=2, metadata=BOOKKEEPING)  # newest checkpoints kept per run
+    keep_runs: int = field(default=3, metadata=BOOKKEEPING)  # interrupted runs whose resume state is kept
     final_model: str = "last"  # which weights become models/: last | best (by validation accuracy)
 
 
@@ -201,6 +209,7 @@ def _check_ranges(p: Params) -> None:
         f"train.checkpoint_every_steps must be >= 0 (0 = epoch ends only), got {p.train.checkpoint_every_steps}",
     )
     need(p.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {p.train.keep_checkpoints}")
+    need(p.train.keep_runs >= 1, f"train.keep_runs must be >= 1, got {p.train.keep_runs}")
     need(
         p.train.final_model in FINAL_MODELS,
         f"train.final_model {p.train.final_model!r} is unknown; allowed: {', '.join(FINAL_MODELS)}",
@@ -228,11 +237,36 @@ def parse_params(raw: Any) -> Params:
     return params
 
 
+def missing_keys(raw: Any, cls: type = Params, prefix: str = "") -> list[str]:
+    """The dotted keys of the schema that ``raw`` does not set (sections included, as their keys)."""
+    raw = raw if isinstance(raw, dict) else {}
+    hints = typing.get_type_hints(cls)
+    missing: list[str] = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            missing += missing_keys(raw.get(f.name), typing.cast(type, hints[f.name]), key + ".")
+        elif f.name not in raw:
+            missing.append(key)
+    return missing
+
+
+def exp_run_line(raw: dict[str, Any], name: str) -> str:
+    """The ``dvc exp run -n NAME -S section.key=value ...`` line that lays ``raw``'s values over params.yaml."""
+    sets = [
+        "-S " + shlex.quote(f"{section}.{key}={value if isinstance(value, str) else json.dumps(value)}")
+        for section, values in raw.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    ]
+    return " ".join(["dvc exp run -n", name, *sets])
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``path``.
+    """Read and validate ``path``, which must set every key: nothing is filled in from code defaults.
 
     Raises:
-        ParamsError: the file is missing, is not YAML, or holds a bad key or value.
+        ParamsError: the file is missing, is not YAML, lacks a key, or holds a bad key or value.
     """
     path = Path(path)
     try:
@@ -243,7 +277,33 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_params(raw)
+    params = parse_params(raw)
+    missing = missing_keys(raw)
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        hint = (
+            f"; to train with just its values changed, lay them over params.yaml: {exp_run_line(raw, path.stem)}"
+            if isinstance(raw, dict) and any(isinstance(v, dict) and v for v in raw.values())
+            else ""
+        )
+        raise ParamsError(
+            f"{path} lacks {shown}: a params file must set every key, so that it alone records the run{hint}"
+        )
+    return params
+
+
+def training_params(params: Params) -> dict[str, Any]:
+    """The params that shape the trained weights, flat (``"train.lr": 0.002``).
+
+    The data, model and train sections, less the bookkeeping knobs (metadata ``BOOKKEEPING``).
+    """
+    out: dict[str, Any] = {}
+    for section in ("data", "model", "train"):
+        values = getattr(params, section)
+        for f in dataclasses.fields(values):
+            if f.metadata.get("shapes_training", True):
+                out[f"{section}.{f.name}"] = getattr(values, f.name)
+    return out
 
 
 def as_dict(params: Any) -> dict[str, Any]:
@@ -270,5 +330,7 @@ __all__ = [
     "TrainParams",
     "as_dict",
     "load_params",
+    "missing_keys",
     "parse_params",
+    "training_params",
 ]

@@ -18,6 +18,9 @@ import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
@@ -30,16 +33,7 @@ from accelerate.utils import (  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.checkpoint import (  # noqa: E402
-    Checkpoint,
-    TrainState,
-    clean_partial,
-    clear,
-    fingerprint,
-    latest_checkpoint,
-    list_checkpoints,
-    save_checkpoint,
-)
+from pipeline.checkpoint import Checkpoint, Expected, TrainState, open_run, remove_run, save_checkpoint  # noqa: E402
 from pipeline.data import (  # noqa: E402
     CLASSES,
     Split,
@@ -51,10 +45,12 @@ from pipeline.data import (  # noqa: E402
     train_val_split,
 )
 from pipeline.errors import DataError, PipelineError, cli  # noqa: E402
+from pipeline.guard import Stopper, hold_checkpoint_dir, starters  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
 from pipeline.model import ModelConfig, build_model, save_artifact  # noqa: E402
 from pipeline.params import Params, TrainParams, as_dict, load_params  # noqa: E402
 from pipeline.plots import first_of_each_class, label_grid  # noqa: E402
+from pipeline.provenance import RunKey, environment, run_key  # noqa: E402
 from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
 
 
@@ -66,7 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--checkpoint-dir", default="checkpoints", help="training state, resumed after a kill (default: %(default)s)"
     )
-    p.add_argument("--fresh", action="store_true", help="ignore and remove existing checkpoints; start from scratch")
+    p.add_argument(
+        "--fresh", action="store_true", help="remove this run's checkpoints and start from scratch (others are kept)"
+    )
+    p.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="keep the run's checkpoints after it finishes (default: removed once the model is written)",
+    )
     return p.parse_args(argv)
 
 
@@ -97,11 +100,13 @@ def check_compiler(cfg: TrainParams) -> None:
             )
 
 
+# train.mixed_precision -> Accelerate's name for it
+ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
 def accelerator_options(cfg: TrainParams) -> dict:
-    """Accelerator keyword arguments from the train params (``auto`` precision leaves it to the launcher)."""
-    options: dict = {}
-    if cfg.mixed_precision != "auto":
-        options["mixed_precision"] = cfg.mixed_precision
+    """Accelerator keyword arguments from the train params; params.yaml, not the launcher, sets the precision."""
+    options: dict = {"mixed_precision": ACCELERATE_PRECISION[cfg.mixed_precision]}
     if cfg.compile:
         options["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor")
     return options
@@ -132,10 +137,10 @@ class Trainer:
         cfg: TrainParams,
         state: TrainState,
         best: dict[str, torch.Tensor] | None,
-        checkpoint_dir: Path,
+        run_dir: Path,
     ) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.train, self.cfg, self.state, self.checkpoint_dir = train, cfg, state, checkpoint_dir
+        self.train, self.cfg, self.state, self.run_dir = train, cfg, state, run_dir
         self.best = best
         self.device = accelerator.device
         # loss sum, correct, samples of the current epoch; the main process carries the folded
@@ -232,7 +237,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             assert self.best is not None or self.state.best_epoch < 0
             save_checkpoint(
-                self.checkpoint_dir,
+                self.run_dir,
                 self.state,
                 model=self.weights(),
                 best=self.best if self.best is not None else self.weights(),
@@ -244,44 +249,77 @@ class Trainer:
 
 
 def resume_or_start(
-    accelerator: Accelerator, checkpoint_dir: Path, fp: str, fresh: bool
-) -> tuple[Checkpoint | None, list[str]]:
+    accelerator: Accelerator, root: Path, key: RunKey, expected: Expected, fresh: bool, keep_runs: int
+) -> tuple[Path, Checkpoint | None, list[str]]:
     """Pick the checkpoint to resume on the main process and send it to all (no shared disk needed)."""
-    found: list[object] = [None, []]
+    found: list[object] = [root / key.fingerprint(), None, []]
     if accelerator.is_main_process:
-        clean_partial(checkpoint_dir)
-        if fresh:
-            if list_checkpoints(checkpoint_dir):
-                found[1] = [f"--fresh: ignoring and removing the checkpoints in {checkpoint_dir}"]
-            clear(checkpoint_dir)
-        else:
-            ckpt, notes = latest_checkpoint(checkpoint_dir, fp)
-            if ckpt is None and list_checkpoints(checkpoint_dir):
-                clear(checkpoint_dir)  # other params or all unreadable: never mix states
-            found = [ckpt, notes]
+        found = list(open_run(root, key, expected, fresh, keep_runs))
     if accelerator.num_processes > 1:
         broadcast_object_list(found, from_process=0)
-    return found[0], found[1]  # type: ignore[return-value]
+    return found[0], found[1], found[2]  # type: ignore[return-value]
+
+
+def check_launcher_precision(cfg: TrainParams, env: Mapping[str, str] | None = None) -> None:
+    """Refuse a launcher precision that params.yaml does not record (the launcher's ``no`` means: not set)."""
+    launcher = (os.environ if env is None else env).get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher not in ("no", ACCELERATE_PRECISION[cfg.mixed_precision]):
+        ours = {v: k for k, v in ACCELERATE_PRECISION.items()}.get(launcher, launcher)
+        raise PipelineError(
+            f"the launcher asks for mixed precision {launcher} (accelerate config or --mixed_precision) but "
+            f"train.mixed_precision is {cfg.mixed_precision}; params.yaml records the precision, so set it there "
+            f"(dvc exp run -S train.mixed_precision={ours}) and launch without it"
+        )
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the stage reads and writes (the command line's paths)."""
+
+    data: Path
+    model_dir: Path
+    live_dir: Path
+    checkpoint_dir: Path
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
+    paths = Paths(Path(args.data), Path(args.model_dir), Path(args.live_dir), Path(args.checkpoint_dir))
+    with Stopper(starters()):
+        run(params, paths, args.cpu_threads, fresh=args.fresh, keep_state=args.keep_state)
+    return 0
+
+
+def run(params: Params, paths: Paths, cpu_threads: int, fresh: bool, keep_state: bool) -> None:
+    """The whole stage: build, restore (or start), fit, export."""
     cfg = params.train
+    check_compiler(cfg)
+    check_launcher_precision(cfg)
     # Without dvclive (a bare GPU image, say) training still runs; metrics are only printed.
     live_available = is_dvclive_available()
-    check_compiler(cfg)
     accelerator = make_accelerator(
-        args.cpu_threads, log_with="dvclive" if live_available else None, **accelerator_options(cfg)
+        cpu_threads, log_with="dvclive" if live_available else None, **accelerator_options(cfg)
     )
+    with ExitStack() as stack:
+        if accelerator.is_main_process:  # only the main process writes checkpoints; it holds the folder
+            stack.enter_context(hold_checkpoint_dir(paths.checkpoint_dir))
+        train_and_export(accelerator, params, paths, fresh, keep_state, live_available)
+
+
+def train_and_export(
+    accelerator: Accelerator, params: Params, paths: Paths, fresh: bool, keep_state: bool, live_available: bool
+) -> None:
+    cfg = params.train
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     set_seed(cfg.seed)
 
-    full = load_split(args.data, "train", params.data.subset)
+    full = load_split(paths.data, "train", params.data.subset)
     train, val = train_val_split(full, params.data.val_size, params.data.split_seed)
     check_sizes(params, train, accelerator.num_processes)
+    key = run_key(params, paths.data, accelerator.num_processes)
 
     model_cfg = ModelConfig(name=params.model.name)
     model = build_model(model_cfg)
@@ -294,12 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     # Not prepared: Accelerate would step it once per process per step.
     scheduler = make_schedule(optimizer, cfg, cfg.epochs * steps)
 
-    checkpoint_dir = Path(args.checkpoint_dir)
-    fp = fingerprint(params, accelerator.mixed_precision)
-    ckpt, notes = resume_or_start(accelerator, checkpoint_dir, fp, args.fresh)
+    expected = Expected(
+        model=model.state_dict(),
+        param_shapes=[p.shape for p in model.parameters()],
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        epochs=cfg.epochs,
+        steps_per_epoch=steps,
+    )
+    run_dir, ckpt, notes = resume_or_start(accelerator, paths.checkpoint_dir, key, expected, fresh, cfg.keep_runs)
     for note in notes:
         say(accelerator, note)
-    state = TrainState(fingerprint=fp)
+    state = TrainState(fingerprint=key.fingerprint())
     best = None
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
@@ -307,19 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.load_state_dict(ckpt.scheduler)
         torch.set_rng_state(ckpt.rng)
         state, best = ckpt.state, ckpt.best
-        if state.epoch >= cfg.epochs:
-            say(accelerator, f"training already complete in {ckpt.path}; writing its model (--fresh retrains)")
-        else:
-            say(accelerator, f"resuming from {ckpt.path} (epoch {state.epoch + 1}, step {state.step} of {steps})")
+        say(accelerator, f"resuming from {ckpt.path} (epoch {state.epoch + 1}, step {state.step} of {steps})")
 
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, eval_loader(val, cfg.eval_batch_size))
     train = train.to(accelerator.device)  # the whole uint8 set lives on the device; batches are index slices
-    trainer = Trainer(accelerator, model, optimizer, scheduler, train, cfg, state, best, checkpoint_dir)
+    trainer = Trainer(accelerator, model, optimizer, scheduler, train, cfg, state, best, run_dir)
 
     accelerator.init_trackers(
         "fashion-mnist",
         config={k: v for k, v in _flat(as_dict(params)).items() if not k.startswith("download.")},
-        init_kwargs={"dvclive": {"dir": args.live_dir, "save_dvc_exp": False, "dvcyaml": None}},
+        init_kwargs={"dvclive": {"dir": str(paths.live_dir), "save_dvc_exp": False, "dvcyaml": None}},
     )
     for i, row in enumerate(state.history, start=1):  # a resumed run rewrites the epochs it did not see
         accelerator.log(row, step=i)
@@ -335,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     say(
         accelerator,
         f"train: {len(train)} samples, val: {len(val)}, {accelerator.num_processes} process(es) on {where}, "
-        f"{steps} steps/epoch of {cfg.batch_size}, mixed precision: {accelerator.mixed_precision}",
+        f"{steps} steps/epoch of {cfg.batch_size}, mixed precision: {cfg.mixed_precision}, run {run_dir}",
     )
     start = time.perf_counter()
     for epoch in range(state.epoch, cfg.epochs):
@@ -382,32 +423,42 @@ def main(argv: list[str] | None = None) -> int:
                     "final_model": cfg.final_model,
                     "final_model_epoch": final_epoch + 1,
                     "final_model_val_accuracy": final_val,
+                    "processes": accelerator.num_processes,
                 }
             )
         out = build_model(model_cfg)
         out.load_state_dict(final)
+        provenance = {"fingerprint": key.fingerprint(), **key.to_json()}
+        provenance.update(environment(accelerator.device, accelerator.mixed_precision))
         save_artifact(
             out,
             model_cfg,
-            args.model_dir,
-            extra={"final_model": cfg.final_model, "epoch": final_epoch + 1, "val_accuracy": final_val},
+            paths.model_dir,
+            extra={
+                "final_model": cfg.final_model,
+                "epoch": final_epoch + 1,
+                "val_accuracy": final_val,
+                "provenance": provenance,
+            },
         )
+        if not keep_state:  # the model is written: a finished run is never resumed, so its state goes
+            remove_run(run_dir)
     accelerator.end_training()
     say(
         accelerator,
         summary_table(
             [
                 ("best val accuracy", f"{state.best_val:.4f} (epoch {state.best_epoch + 1})"),
-                ("model", f"{args.model_dir}/ ({cfg.final_model} weights: epoch {final_epoch + 1}, "
-                          f"val accuracy {final_val:.4f})"),
+                ("model", f"{paths.model_dir}/ ({cfg.final_model} weights: epoch {final_epoch + 1}, "
+                          f"val accuracy {final_val:.4f}; {accelerator.num_processes} process(es), "
+                          f"{cfg.mixed_precision})"),
                 ("time", f"{time.perf_counter() - start:.1f}s in this run"),
-                ("artifacts", f"{args.model_dir}/, {args.live_dir}/ (metrics, curves, train_samples.png), "
-                              f"{args.checkpoint_dir}/"),
+                ("artifacts", f"{paths.model_dir}/, {paths.live_dir}/ (metrics, curves, train_samples.png); "
+                              f"{run_dir} {'kept' if keep_state else 'removed (finished)'}"),
                 ("next", "dvc repro evaluate (test accuracy), dvc plots show"),
             ]
         ),
     )  # fmt: skip
-    return 0
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from pipeline.data import SPLIT_FILES
+from pipeline.params import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,21 +47,31 @@ def tiny_raw(tmp_path: Path) -> Path:
     return write_raw(tmp_path / "data" / "raw")
 
 
+def full_params(*overrides: dict) -> dict:
+    """The project's params.yaml with each of ``overrides`` ({section: {key: value}}) laid over it in turn.
+
+    Params files must be complete (the loader fills nothing in), so tests start from the real one.
+    """
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for layer in overrides:
+        params = with_overrides(params, layer)
+    return params
+
+
+TINY = {
+    "data": {"subset": 0, "val_size": 40, "split_seed": 0},
+    "train": {"epochs": 2, "batch_size": 20, "lr": 0.003, "seed": 1, "eval_batch_size": 32},
+    "evaluate": {"batch_size": 50},
+}
+
+
 @pytest.fixture
 def write_params(tmp_path: Path):
-    """Write a params file from nested overrides on top of tiny defaults; returns its path."""
+    """Write a complete params file: tiny values, then ``overrides``, over params.yaml; returns its path."""
 
     def write(overrides: dict | None = None, name: str = "params.yaml") -> Path:
-        params = {
-            "data": {"subset": 0, "val_size": 40, "split_seed": 0},
-            "model": {"name": "tutorial_cnn"},
-            "train": {"epochs": 2, "batch_size": 20, "lr": 0.003, "seed": 1, "eval_batch_size": 32},
-            "evaluate": {"batch_size": 50},
-        }
-        for section, values in (overrides or {}).items():
-            params.setdefault(section, {}).update(values)
         path = tmp_path / name
-        path.write_text(yaml.safe_dump(params))
+        path.write_text(yaml.safe_dump(full_params(TINY, overrides or {})))
         return path
 
     return write

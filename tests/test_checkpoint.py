@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import pytest
@@ -6,41 +5,59 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import (
+    Expected,
     TrainState,
     clean_partial,
-    fingerprint,
     latest_checkpoint,
     list_checkpoints,
+    list_runs,
+    misfit,
+    open_run,
     read_checkpoint,
+    resumable,
     save_checkpoint,
 )
-from pipeline.params import Params, TrainParams
+from pipeline.provenance import RunKey
+
+EPOCHS, STEPS = 3, 10  # the run these checkpoints belong to: 3 epochs of 10 steps
+
+
+def parts(seed: int = 0, width: int = 2):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, width)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=EPOCHS * STEPS)
+    return model, opt, sched
+
+
+def expected(width: int = 2) -> Expected:
+    model, opt, sched = parts(width=width)
+    return Expected(model.state_dict(), [p.shape for p in model.parameters()], opt.state_dict(), sched.state_dict(),
+                    EPOCHS, STEPS)  # fmt: skip
 
 
 def state(step: int, fp: str = "abc") -> TrainState:
-    return TrainState(fingerprint=fp, epoch=step // 10, step=step % 10, global_step=step, sums=[1.5, 2.0, 3.0])
+    epoch = step // STEPS
+    history = [{"val/accuracy": 0.5}] * epoch
+    return TrainState(fingerprint=fp, epoch=epoch, step=step % STEPS, global_step=step, sums=[1.5, 2.0, 3.0],
+                      history=history)  # fmt: skip
 
 
-def save(root, step, fp="abc", keep=5):
-    torch.manual_seed(step)
-    model = nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.ones(1, 3)).sum().backward()
-    opt.step()
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
-    return save_checkpoint(root, state(step, fp), model.state_dict(), model.state_dict(), opt.state_dict(),
+def save(run, step, keep=5, width=2):
+    """A real checkpoint after ``step`` optimizer and schedule steps."""
+    model, opt, sched = parts(step, width)
+    for _ in range(step):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        sched.step()
+    return save_checkpoint(run, state(step), model.state_dict(), model.state_dict(), opt.state_dict(),
                            sched.state_dict(), keep)  # fmt: skip
 
 
-def with_train(**changes) -> Params:
-    return dataclasses.replace(Params(), train=dataclasses.replace(TrainParams(), **changes))
-
-
-def test_fingerprint_follows_training_params_only():
-    base = fingerprint(Params())
-    assert fingerprint(with_train(lr=0.005)) != base
-    assert fingerprint(with_train(seed=1)) != base
-    assert fingerprint(with_train(eval_batch_size=7, keep_checkpoints=9, checkpoint_every_steps=3)) == base
+def key(**changes) -> RunKey:
+    base = {"code": {"pipeline/train.py": "aa"}, "data": {"train-images-idx3-ubyte": "bb"},
+            "params": {"train.lr": 0.002, "train.mixed_precision": "fp32"}, "processes": 1}  # fmt: skip
+    return RunKey(**{**base, **changes})
 
 
 def test_round_trip_restores_every_part(tmp_path):
@@ -49,9 +66,10 @@ def test_round_trip_restores_every_part(tmp_path):
     assert path.name == "step-00000012"
     assert ckpt.state == state(12)
     assert set(ckpt.model) == {"weight", "bias"}
-    assert ckpt.optimizer["state"][0]["step"] == 1
-    assert ckpt.scheduler["total_steps"] == 10
+    assert ckpt.optimizer["state"][0]["step"] == 12
+    assert ckpt.scheduler["total_steps"] == EPOCHS * STEPS
     assert ckpt.rng.dtype == torch.uint8
+    assert misfit(ckpt, expected()) is None
 
 
 def test_keep_last_k_counts_by_global_step_across_restarts(tmp_path):
@@ -71,8 +89,12 @@ def test_interrupted_save_leaves_only_a_temp_folder_that_is_ignored_then_removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
 
 
+def fits(ckpt):
+    return misfit(ckpt, expected())
+
+
 @pytest.mark.parametrize("damage", ["truncate-weights", "drop-state", "garbage-state"])
-def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tmp_path, damage):
+def test_unreadable_newest_checkpoint_is_reported_removed_and_the_previous_used(tmp_path, damage):
     save(tmp_path, 4)
     newest = save(tmp_path, 8)
     if damage == "truncate-weights":
@@ -82,32 +104,154 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tmp_path, d
         (newest / "state.json").unlink()
     else:
         (newest / "state.json").write_text("{not json")
-    ckpt, notes = latest_checkpoint(tmp_path, "abc")
+    ckpt, notes = latest_checkpoint(tmp_path, fits)
     assert ckpt is not None and ckpt.path.name == "step-00000004"
-    assert len(notes) == 1 and "step-00000008 is unreadable" in notes[0] and "trying the previous one" in notes[0]
+    assert len(notes) == 1 and "step-00000008 cannot resume this run: it is unreadable" in notes[0]
+    assert "\n" not in notes[0] and not newest.exists()  # said once: a rerun does not meet it again
+    again, notes = latest_checkpoint(tmp_path, fits)
+    assert again is not None and again.path == ckpt.path and notes == []
+
+
+def _swap_weight(path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    weights["weight"] = torch.zeros(5, 3)
+    save_file(weights, str(path / "model.safetensors"))
+
+
+def _optimizer_of_another_shape(path):
+    opt = torch.load(path / "optimizer.pt", weights_only=True)
+    opt["state"][0]["exp_avg"] = torch.zeros(4, 4)
+    torch.save(opt, path / "optimizer.pt")
+
+
+def _position(**changes):
+    def damage(path):
+        raw = json.loads((path / "state.json").read_text())
+        raw.update(changes)
+        (path / "state.json").write_text(json.dumps(raw))
+
+    return damage
+
+
+def _rng(path):
+    from safetensors.torch import save_file
+
+    save_file({"cpu": torch.zeros(7, dtype=torch.uint8)}, str(path / "rng.safetensors"))
+
+
+def _schedule_position(path):
+    sched = torch.load(path / "scheduler.pt", weights_only=True)
+    sched["last_epoch"] = 999
+    torch.save(sched, path / "scheduler.pt")
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_swap_weight, "its model tensor weight is (5, 3)"),
+        (_optimizer_of_another_shape, "its optimizer exp_avg of parameter 0 is (4, 4), not (2, 3)"),
+        (_position(step=STEPS), "its position (epoch 0, step 10, global step 8) is out of range"),
+        (_position(epoch=-1), "its position (epoch -1, step 8, global step 8) is out of range"),
+        (_position(global_step=3), "its position (epoch 0, step 8, global step 3) is out of range"),
+        (_position(sums=[1.0, float("nan"), 2.0]), "its history or running sums do not match"),
+        (_rng, "its RNG state is not a torch CPU generator state"),
+        (_schedule_position, "its schedule state is of another schedule or position"),
+    ],
+    ids=["tensor-shape", "optimizer-shape", "step-range", "epoch-range", "global-step", "sums", "rng", "schedule"],
+)
+def test_a_readable_checkpoint_that_does_not_fit_falls_back_to_the_previous_one(tmp_path, damage, reason):
+    save(tmp_path, 4)
+    newest = save(tmp_path, 8)
+    damage(newest)
+    ckpt, notes = latest_checkpoint(tmp_path, fits)
+    assert ckpt is not None and ckpt.path.name == "step-00000004"
+    assert len(notes) == 1 and reason in notes[0] and "trying the previous one" in notes[0]
+    assert not newest.exists()
+
+
+def test_checkpoints_of_another_model_width_all_fall_back_to_a_fresh_start(tmp_path):
+    save(tmp_path, 4, width=5)
+    save(tmp_path, 8, width=5)
+    ckpt, notes = latest_checkpoint(tmp_path, fits)
+    assert ckpt is None and len(notes) == 2 and list_checkpoints(tmp_path) == []
 
 
 def test_pickled_objects_are_not_loaded(tmp_path):
     path = save(tmp_path, 2)
     torch.save({"state": {}, "param_groups": [], "evil": nn.Linear(1, 1)}, path / "optimizer.pt")
-    ckpt, notes = latest_checkpoint(tmp_path, "abc")
+    ckpt, notes = latest_checkpoint(tmp_path, fits)
     assert ckpt is None and "unreadable" in notes[0]  # weights_only=True refuses a pickled module
 
 
-def test_other_params_mean_no_resume(tmp_path):
-    save(tmp_path, 6, fp="old")
-    ckpt, notes = latest_checkpoint(tmp_path, "new")
-    assert ckpt is None
-    assert notes == [
-        f"checkpoint {tmp_path / 'step-00000006'} was made with other training params "
-        "(fingerprint old != new); starting fresh"
-    ]
+def test_a_finished_run_is_never_resumed(tmp_path):
+    save(tmp_path, 20)
+    save(tmp_path, EPOCHS * STEPS)  # the end of the last epoch
+    ckpt, notes = resumable(tmp_path, expected())
+    assert ckpt is None and list_checkpoints(tmp_path) == []
+    assert notes == [f"{tmp_path / 'step-00000030'} is the end of a finished run, which is never reused: "
+                     "training from scratch"]  # fmt: skip
 
 
 def test_no_checkpoints_means_a_fresh_start_without_notes(tmp_path):
-    assert latest_checkpoint(tmp_path / "absent", "abc") == (None, [])
+    assert latest_checkpoint(tmp_path / "absent", fits) == (None, [])
 
 
 def test_state_json_is_plain_json(tmp_path):
     path = save(tmp_path, 1)
     assert json.loads((path / "state.json").read_text())["global_step"] == 1
+
+
+def test_each_run_has_its_own_folder_and_another_runs_state_is_kept_and_named(tmp_path):
+    first = key()
+    run, ckpt, notes = open_run(tmp_path, first, expected(), fresh=False, keep_runs=3)
+    assert run == tmp_path / first.fingerprint() and ckpt is None and notes == []
+    save(run, 4)
+    second = key(params={"train.lr": 0.004, "train.mixed_precision": "fp32"})
+    other, ckpt, notes = open_run(tmp_path, second, expected(), fresh=False, keep_runs=3)
+    assert other != run and ckpt is None
+    assert notes == [f"no saved state of this run to resume; the newest other run {run} (saved at global step 4) "
+                     "differs in param train.lr (0.002 there, 0.004 now): starting fresh, and keeping that state "
+                     "for its own resume"]  # fmt: skip
+    back, ckpt, notes = open_run(tmp_path, first, expected(), fresh=False, keep_runs=3)
+    assert back == run and ckpt is not None and ckpt.state.global_step == 4 and notes == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"code": {"pipeline/train.py": "a2"}}, "code (pipeline/train.py changed)"),
+        ({"code": {"pipeline/train.py": "aa", "pipeline/new.py": "cc"}}, "code (pipeline/new.py added)"),
+        ({"data": {"train-images-idx3-ubyte": "b2"}}, "data (train-images-idx3-ubyte changed)"),
+        ({"params": {"train.lr": 0.002, "train.mixed_precision": "bf16"}},
+         "precision train.mixed_precision ('fp32' there, 'bf16' now)"),
+        ({"processes": 2}, "process count (1 there, 2 now)"),
+    ],
+    ids=["code", "new-file", "data", "precision", "processes"],
+)  # fmt: skip
+def test_starting_fresh_names_the_first_thing_that_differs(tmp_path, changes, named):
+    run, _, _ = open_run(tmp_path, key(), expected(), fresh=False, keep_runs=3)
+    save(run, 4)
+    _, ckpt, notes = open_run(tmp_path, key(**changes), expected(), fresh=False, keep_runs=3)
+    assert ckpt is None and len(notes) == 1 and f"differs in {named}: starting fresh" in notes[0]
+
+
+def test_runs_beyond_keep_runs_lose_their_state_oldest_first(tmp_path):
+    runs = []
+    for lr in (0.1, 0.2, 0.3):
+        run, _, _ = open_run(tmp_path, key(params={"train.lr": lr}), expected(), fresh=False, keep_runs=2)
+        save(run, 4)
+        runs.append(run)
+    assert list_runs(tmp_path) == runs[1:]  # the third run pushed out the first
+    assert not runs[0].exists()
+
+
+def test_fresh_discards_only_this_runs_state(tmp_path):
+    mine, _, _ = open_run(tmp_path, key(), expected(), fresh=False, keep_runs=3)
+    save(mine, 4)
+    other, _, _ = open_run(tmp_path, key(processes=2), expected(), fresh=False, keep_runs=3)
+    save(other, 6)
+    run, ckpt, notes = open_run(tmp_path, key(), expected(), fresh=True, keep_runs=3)
+    assert run == mine and ckpt is None and notes == [f"--fresh: removing this run's checkpoints in {mine}"]
+    assert list_checkpoints(mine) == [] and len(list_checkpoints(other)) == 1

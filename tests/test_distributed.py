@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, write_raw
+from tests.conftest import REPO, full_params, write_raw
 
 pytestmark = pytest.mark.slow
 
@@ -79,12 +80,14 @@ def raw(workdir) -> Path:
 @pytest.fixture(scope="module")
 def params(workdir) -> Path:
     path = workdir / "params.yaml"
-    path.write_text(
-        "data: {val_size: 77}\n"  # 323 train samples: ragged tail; 77 val: not divisible by 2 x batch
+    overrides = {
+        "data": {"subset": 0, "val_size": 77},  # 323 train samples: ragged tail; 77 val: not divisible by 2 x batch
         # every augmentation on: each is drawn per position of the global order, so shards match
-        "train: {epochs: 2, batch_size: 40, lr: 0.003, seed: 3, eval_batch_size: 16, translate: 2, cutout: 6}\n"
-        "evaluate: {batch_size: 16}\n"
-    )
+        "train": {"epochs": 2, "batch_size": 40, "lr": 0.003, "seed": 3, "eval_batch_size": 16, "translate": 2,
+                  "cutout": 6},
+        "evaluate": {"batch_size": 16},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(full_params(overrides)))
     return path
 
 
@@ -189,7 +192,7 @@ def test_a_failing_rank_ends_the_whole_launch_quickly_with_its_error(workdir, pa
 
 def test_batch_not_divisible_by_processes_is_refused_on_every_rank(workdir, raw, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("data: {val_size: 77}\ntrain: {epochs: 1, batch_size: 41}\n")
+    params.write_text(yaml.safe_dump(full_params({"data": {"subset": 0, "val_size": 77}, "train": {"batch_size": 41}})))
     proc = launch(*accelerate(2), TRAIN, *stage_args(tmp_path, params, raw), cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "error: train.batch_size (41) must be divisible by the number of processes (2)" in proc.stderr

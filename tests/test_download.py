@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import http.server
+import json
 import threading
 from functools import partial
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 from pipeline.download import download_all, main
 from pipeline.errors import DownloadError
+from tests.conftest import full_params
 
 NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -163,7 +165,7 @@ def test_a_damaged_existing_file_is_replaced(tmp_path, payloads, files):
 
 def test_cli_failure_exits_2_with_one_line_per_source_and_no_traceback(tmp_path, capsys):
     params = tmp_path / "params.yaml"
-    params.write_text(f"download:\n  sources: ['{tmp_path / 'nowhere'}']\n")
+    params.write_text(json.dumps(full_params({"download": {"sources": [str(tmp_path / "nowhere")]}})))
     with pytest.raises(SystemExit) as info:
         main(["--params", str(params), "--out", str(tmp_path / "raw")])
     assert info.value.code == 2
@@ -183,7 +185,6 @@ def test_real_debian_package_matches_the_pinned_digests(tmp_path):
 
 
 def test_killed_download_leaves_nothing_partial_and_a_rerun_completes(tmp_path, payloads, files):
-    import json
     import os
     import signal
     import subprocess
@@ -211,7 +212,9 @@ def test_killed_download_leaves_nothing_partial_and_a_rerun_completes(tmp_path, 
     threading.Thread(target=server.serve_forever, daemon=True).start()
     out = tmp_path / "data" / "raw"
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"download": {"sources": [f"http://127.0.0.1:{server.server_address[1]}/"]}}))
+    params.write_text(
+        json.dumps(full_params({"download": {"sources": [f"http://127.0.0.1:{server.server_address[1]}/"]}}))
+    )
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.download", "--params", str(params), "--out", str(out)])
     try:
         assert started.wait(30), "the download never started"

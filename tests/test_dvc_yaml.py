@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import ast
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipeline.provenance import import_closure
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-
-
-def import_closure(module: str) -> set[str]:
-    """Files of the ``pipeline`` package that ``module`` imports, transitively, itself included."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = f"{name.replace('.', '/')}.py"
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse((REPO / path).read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
-                todo.append(node.module)
-            elif isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.startswith("pipeline.")]
-    return seen
 
 
 @pytest.mark.parametrize("stage", ["download", "train", "evaluate"])
 def test_stage_code_deps_are_exactly_the_modules_it_imports(stage):
     code_deps = {d for d in STAGES[stage]["deps"] if d.endswith(".py")}
-    assert code_deps == import_closure(f"pipeline.{stage}")
+    assert code_deps == set(import_closure(f"pipeline.{stage}"))  # the train stage's run key hashes the same files
 
 
 @pytest.mark.parametrize(
@@ -77,3 +61,25 @@ def test_example_accelerate_configs_load_with_accelerates_own_reader(name):
 
     config = load_config_from_file(str(REPO / "scripts" / "accelerate" / name))
     assert config.num_processes >= 1 and config.compute_environment.value == "LOCAL_MACHINE"
+
+
+def _outs(stage: dict) -> list[tuple[str, dict]]:
+    return [(o, {}) if isinstance(o, str) else next(iter(o.items())) for o in stage.get("outs", [])
+            + stage.get("metrics", [])]  # fmt: skip
+
+
+def test_every_output_restores_from_git_or_the_dvc_cache():
+    # a persist or uncached output that git does not hold has a hash in dvc.lock that nothing can restore,
+    # so the pipeline would never be up to date after `dvc exp apply`, `dvc checkout` or a clone + `dvc pull`
+    for stage in STAGES.values():
+        for path, opts in _outs(stage):
+            assert not opts.get("persist"), path
+            if opts.get("cache") is False:
+                tracked = subprocess.run(["git", "ls-files", path], cwd=REPO, capture_output=True, text=True).stdout
+                assert tracked.strip(), f"{path} is uncached but not in git"
+
+
+def test_resume_state_is_no_output_and_git_ignored():
+    assert all(path != "checkpoints" for stage in STAGES.values() for path, _ in _outs(stage))
+    ignored = subprocess.run(["git", "check-ignore", "-q", "checkpoints/0123456789abcdef/step-00000001"], cwd=REPO)
+    assert ignored.returncode == 0

@@ -1,9 +1,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.errors import ParamsError
-from pipeline.params import Params, load_params, parse_params
+from pipeline.params import Params, load_params, parse_params, training_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,8 +23,40 @@ def test_empty_sections_take_defaults():
 def test_exponent_floats_parse_as_numbers(tmp_path):
     # DVC's `-S train.lr=3e-3` writes YAML 1.2 floats that plain PyYAML reads as strings
     path = tmp_path / "p.yaml"
-    path.write_text("train:\n  lr: 3e-3\n")
+    path.write_text((REPO / "params.yaml").read_text().replace("lr: 0.002 ", "lr: 3e-3 "))
     assert load_params(path).train.lr == pytest.approx(0.003)
+
+
+def test_a_params_file_that_lacks_keys_is_refused_naming_them(tmp_path):
+    full = yaml.safe_load((REPO / "params.yaml").read_text())
+    del full["train"]["keep_runs"], full["evaluate"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(full))
+    with pytest.raises(
+        ParamsError, match=r"lacks train\.keep_runs, evaluate\.batch_size: a params file must set every key"
+    ):
+        load_params(path)
+
+
+def test_a_recipe_passed_as_params_is_refused_with_the_exp_run_line_to_use():
+    with pytest.raises(ParamsError) as info:
+        load_params(REPO / "recipes" / "fast.yaml")
+    message = str(info.value)
+    assert "recipes/fast.yaml lacks data.subset, data.val_size, data.split_seed, download.sources and" in message
+    assert message.endswith(
+        "lay them over params.yaml: dvc exp run -n fast -S train.epochs=7 -S train.lr=0.003 "
+        "-S train.label_smoothing=0.1 -S train.mixed_precision=bf16"
+    )
+    assert "\n" not in message
+
+
+def test_training_params_leave_out_the_bookkeeping_knobs():
+    shaping = training_params(Params())
+    assert shaping["train.lr"] == 0.002 and shaping["train.mixed_precision"] == "fp32"
+    assert shaping["data.val_size"] == 6000 and shaping["model.name"] == "tutorial_cnn"
+    for knob in ("eval_batch_size", "checkpoint_every_steps", "keep_checkpoints", "keep_runs"):
+        assert f"train.{knob}" not in shaping
+    assert not any(k.startswith(("download.", "evaluate.")) for k in shaping)
 
 
 def test_integer_is_accepted_for_a_float_key():
@@ -50,7 +83,7 @@ def test_integer_is_accepted_for_a_float_key():
         ({"train": {"translate": 9}}, r"train\.translate must be 0 \(off\) to 8 pixels, got 9"),
         ({"train": {"cutout": -1}}, r"train\.cutout must be 0 \(off\) to 28 pixels, got -1"),
         ({"train": {"label_smoothing": 1.0}}, r"train\.label_smoothing must be in \[0, 1\), got 1\.0"),
-        ({"train": {"mixed_precision": "fp8"}}, r"train\.mixed_precision 'fp8' is unknown; allowed: auto, no, bf16"),
+        ({"train": {"mixed_precision": "no"}}, r"train\.mixed_precision 'no' is unknown; allowed: fp32, bf16, fp16"),
         ({"train": {"optimizer_impl": "apex"}}, r"train\.optimizer_impl 'apex' is unknown; allowed: auto, for_loop"),
         ({"train": {"compile": "yes"}}, r"train\.compile must be true or false, got 'yes'"),
         ({"data": {"subset": -1}}, r"data\.subset must be 0 \(all\) or a positive count"),

@@ -1,11 +1,14 @@
 import json
 import re
+import subprocess
+import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from pipeline.train import main
-from tests.conftest import reset_accelerate_state
+from tests.conftest import REPO, reset_accelerate_state
 
 
 def run_train(tmp_path, params, *extra):
@@ -174,12 +177,104 @@ def test_changing_precision_does_not_resume_the_other_precisions_checkpoint(
     tmp_path, tiny_raw, write_params, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    run_train(tmp_path, write_params({"train": {"mixed_precision": "no"}}))
+    run_train(tmp_path, write_params({"train": {"mixed_precision": "fp32"}}), "--keep-state")
     capsys.readouterr()
     reset_accelerate_state()
     run_train(tmp_path, write_params({"train": {"mixed_precision": "bf16"}}))
     out = capsys.readouterr().out
-    assert "made with other training params" in out and "mixed precision: bf16" in out
+    assert "differs in precision train.mixed_precision ('fp32' there, 'bf16' now): starting fresh" in out
+    assert "resuming" not in out and "mixed precision: bf16" in out
+
+
+@pytest.mark.parametrize("launcher", ["bf16", "fp16"])
+def test_a_launcher_precision_that_params_do_not_record_is_refused(
+    tmp_path, tiny_raw, write_params, monkeypatch, capsys, launcher
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)  # what `accelerate launch --mixed_precision` sets
+    with pytest.raises(SystemExit) as info:
+        run_train(tmp_path, write_params({"train": {"mixed_precision": "fp32"}}))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1
+    assert f"the launcher asks for mixed precision {launcher}" in err and "train.mixed_precision is fp32" in err
+    assert f"dvc exp run -S train.mixed_precision={launcher}" in err
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_launcher_precision_that_agrees_with_params_trains_in_it(tmp_path, tiny_raw, write_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert run_train(tmp_path, write_params({"train": {"mixed_precision": "bf16"}})) == 0
+    provenance = json.loads((tmp_path / "models" / "model.json").read_text())["provenance"]
+    assert provenance["mixed_precision_in_force"] == "bf16"
+
+
+def test_the_model_artifact_records_how_it_was_made(tmp_path, tiny_raw, write_params, monkeypatch):
+    from pipeline.provenance import file_digests, import_closure
+
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, write_params({"train": {"lr": 0.004}}), "--cpu-threads", "1")
+    provenance = json.loads((tmp_path / "models" / "model.json").read_text())["provenance"]
+    assert sorted(provenance["code"]) == import_closure("pipeline.train")
+    assert provenance["code"]["pipeline/train.py"] == file_digests(REPO, ["pipeline/train.py"])["pipeline/train.py"]
+    assert provenance["data"] == file_digests(tiny_raw, ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"])
+    assert provenance["params"]["train.lr"] == 0.004 and "train.keep_runs" not in provenance["params"]
+    assert provenance["processes"] == 1 and provenance["mixed_precision_in_force"] == "no"
+    assert provenance["device"] == "cpu" and provenance["cpu_threads"] == 1 and provenance["cpu"]
+    assert provenance["torch"] == torch.__version__ and len(provenance["fingerprint"]) == 16
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert metrics["processes"] == 1
+
+
+def test_a_finished_run_leaves_no_state_and_a_rerun_trains_again(tmp_path, tiny_raw, write_params, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    params = write_params()
+    run_train(tmp_path, params)
+    first = (tmp_path / "models" / "model.safetensors").read_bytes()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")] == []
+    capsys.readouterr()
+    reset_accelerate_state()
+    run_train(tmp_path, params)
+    out = capsys.readouterr().out
+    assert "epoch 1/2" in out and "epoch 2/2" in out and "resuming" not in out
+    assert (tmp_path / "models" / "model.safetensors").read_bytes() == first  # trained again, same seed
+
+
+def test_a_kept_finished_run_is_not_reused(tmp_path, tiny_raw, write_params, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    params = write_params()
+    run_train(tmp_path, params, "--keep-state")
+    capsys.readouterr()
+    reset_accelerate_state()
+    run_train(tmp_path, params)
+    out = capsys.readouterr().out
+    assert "is the end of a finished run, which is never reused: training from scratch" in out
+    assert "epoch 1/2" in out
+
+
+def test_a_second_trainer_on_the_same_checkpoint_folder_is_refused(tmp_path, tiny_raw, write_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.guard import "
+         "hold_checkpoint_dir\nwith hold_checkpoint_dir(Path(sys.argv[1])):\n print('held', flush=True); "
+         "time.sleep(60)", str(tmp_path / "checkpoints")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.train", "--params", str(write_params()), "--data", str(tiny_raw),
+             "--model-dir", str(tmp_path / "models"), "--live-dir", str(tmp_path / "live"),
+             "--checkpoint-dir", str(tmp_path / "checkpoints")],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        holder.kill()
+        holder.communicate()
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert f"{tmp_path / 'checkpoints'} is in use by another trainer (pid {holder.pid} on " in err
+    assert not (tmp_path / "models").exists()
 
 
 def test_fp16_on_cpu_is_refused_with_one_line(tmp_path, tiny_raw, write_params, monkeypatch, capsys):

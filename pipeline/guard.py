@@ -1,0 +1,143 @@
+"""Process guards for the train stage: one trainer per checkpoint folder, none outliving its launcher.
+
+- :func:`hold_checkpoint_dir` takes an OS file lock on the checkpoint folder for the run's life. A
+  second trainer on the same folder is refused in one line; the OS drops the lock when its holder
+  dies, however it dies, so a stale lock never blocks anyone.
+- :class:`Stopper` turns SIGTERM into a one-line :class:`~pipeline.errors.Stopped`, and stops the
+  run when the processes it was started by (``dvc``, the shell ``dvc`` ran, ``accelerate launch``,
+  torchrun) are gone, so that no trainer trains on as an orphan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import psutil
+from filelock import FileLock, Timeout
+
+from pipeline.errors import PipelineError, Stopped
+
+LOCK_FILE = ".lock"
+OWNER_FILE = ".owner.json"
+# Environment a launcher sets in the processes it starts: torchrun / accelerate's multi-process
+# launcher (LOCAL_RANK), accelerate's one-process launcher (ACCELERATE_MIXED_PRECISION).
+LAUNCHER_VARS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")
+
+
+@contextmanager
+def hold_checkpoint_dir(root: Path) -> Iterator[None]:
+    """Hold ``root``'s lock while the block runs; refuse in one line when another trainer holds it."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise PipelineError(
+            f"{root} is in use by another trainer ({_owner(root)}); wait for it to end or stop it, "
+            "or give this run another --checkpoint-dir"
+        ) from None
+    owner = root / OWNER_FILE
+    try:
+        owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}))
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def _owner(root: Path) -> str:
+    try:
+        info = json.loads((root / OWNER_FILE).read_text())
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "owner unknown"
+
+
+def _is_gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.name()} (pid {proc.pid})"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+def starters(env: Mapping[str, str] | None = None) -> list[psutil.Process]:
+    """The processes whose death must stop this one, nearest first.
+
+    Under ``dvc repro`` / ``dvc exp run`` (DVC_STAGE set): every ancestor up to and including
+    ``dvc`` itself, the first one outside the stage's environment. Under a launcher alone: the
+    launcher. Run by hand (``python -m pipeline.train``): none, so ``nohup`` keeps working.
+    """
+    env = os.environ if env is None else env
+    me = psutil.Process()
+    if env.get("DVC_STAGE"):
+        chain = []
+        for parent in me.parents():
+            chain.append(parent)
+            try:
+                if "DVC_STAGE" not in parent.environ():
+                    break
+            except psutil.Error:
+                break
+        return chain
+    if any(env.get(v) for v in LAUNCHER_VARS):
+        parent = me.parent()
+        return [parent] if parent is not None else []
+    return []
+
+
+class Stopper:
+    """Raise :class:`Stopped` in the main thread on SIGTERM, or when a starter process is gone.
+
+    Use as a context manager around the run; it restores the previous SIGTERM handler on exit.
+    """
+
+    def __init__(self, watch: list[psutil.Process], poll_s: float = 1.0, grace_s: float = 30.0) -> None:
+        self.watch, self.poll_s, self.grace_s = watch, poll_s, grace_s
+        self.reason = ""
+        self._done = threading.Event()
+        self._previous: signal.Handlers | None = None
+
+    def __enter__(self) -> Stopper:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)  # type: ignore[assignment]
+        if self.watch:
+            threading.Thread(target=self._watch, name="starter-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        reason = self.reason or "stopped by SIGTERM"
+        raise Stopped(f"{reason}; run it again to resume from the newest checkpoint")
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.poll_s):
+            gone = next((p for p in self.watch if _is_gone(p)), None)
+            if gone is None:
+                continue
+            self.reason = f"{_describe(gone)}, which started this run, has exited: stopping, not training on alone"
+            os.kill(os.getpid(), signal.SIGTERM)
+            if not self._done.wait(self.grace_s):  # the main thread is stuck in C code (a collective)
+                print(f"error: {self.reason} (forced after {self.grace_s:g}s)", file=sys.stderr, flush=True)
+                os._exit(Stopped.exit_code)
+            return
