@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from pipeline.data import SPLIT_FILES
 from pipeline.params import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # the offline source the end-to-end runs download from
 
 
 def idx_bytes(t: torch.Tensor) -> bytes:
@@ -90,3 +95,42 @@ def _fresh_accelerate_state():
     """Accelerate keeps process state in singletons; each test starts clean."""
     yield
     reset_accelerate_state()
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``cwd`` with this venv first on PATH and a git identity; raise on failure if ``check``."""
+    env = {
+        **os.environ,
+        **extra_env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    }  # fmt: skip
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    """Lay ``overrides`` ({section: {key: value}}) over ``repo``'s params.yaml in place."""
+    path = repo / "params.yaml"
+    path.write_text(yaml.safe_dump(with_overrides(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
+
+
+def project_repo(dest: Path, overrides: dict) -> Path:
+    """A new git repo at ``dest`` holding the project's tracked files, with ``overrides`` committed in params."""
+    if not DEBIAN.is_dir():
+        pytest.fail("the end-to-end tests read real data: apt-get install dataset-fashion-mnist")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    set_params(dest, overrides)
+    sh(dest, "git", "init", "-q")
+    sh(dest, "git", "config", "user.name", "e2e")  # dvc exp commits with the repo's identity
+    sh(dest, "git", "config", "user.email", "e2e@example.com")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "project")
+    return dest

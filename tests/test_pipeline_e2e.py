@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.data import CLASSES
+from tests.conftest import project_repo, set_params, sh
 
 REPO = Path(__file__).resolve().parents[1]
-DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.slow
 
 SMALL = {
@@ -25,46 +24,10 @@ SMALL = {
 }
 
 
-def sh(cwd: Path, *cmd: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        **extra_env,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-    }  # fmt: skip
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def set_params(repo: Path, overrides: dict) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A fresh git repo holding the project's tracked files, with small params committed."""
-    if not DEBIAN.is_dir():
-        pytest.fail("the end-to-end tests read real data: apt-get install dataset-fashion-mnist")
-    dest = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for rel in filter(None, files.decode().split("\0")):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    set_params(dest, SMALL)
-    sh(dest, "git", "init", "-q")
-    sh(dest, "git", "config", "user.name", "e2e")  # dvc exp commits with the repo's identity
-    sh(dest, "git", "config", "user.email", "e2e@example.com")
-    sh(dest, "git", "add", "-A")
-    sh(dest, "git", "commit", "-qm", "project")
-    return dest
+    return project_repo(tmp_path_factory.mktemp("e2e") / "repo", SMALL)
 
 
 def test_repro_runs_all_stages_and_writes_declared_metrics(repo):
@@ -199,10 +162,14 @@ def test_a_registered_model_version_downloads_with_dvc_artifacts_get(repo, tmp_p
 def test_repro_honours_the_accelerate_config_file_and_keeps_the_answer(repo):
     before = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
     config = str(repo / "scripts" / "accelerate" / "cpu-2proc.yaml")
-    shutil.rmtree(repo / "checkpoints")  # or the forced run would just re-export the finished checkpoint
     out = sh(repo, "dvc", "repro", "--force", "--single-item", "train", ACCELERATE_CONFIG_FILE=config).stdout
-    assert "2 process(es) on cpu" in out
+    assert "2 process(es) on cpu" in out and "epoch 2/2" in out  # forced: it trains, nothing is re-exported
     after = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
+    assert (before["processes"], after["processes"]) == (1, 2)  # the launch is on the record
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    assert '"processes": 2' in json.dumps(shown)
+    provenance = json.loads((repo / "models" / "model.json").read_text())["provenance"]
+    assert provenance["processes"] == 2
     assert after["val"]["accuracy"] == pytest.approx(before["val"]["accuracy"], abs=0.011)  # at most 1 of 100 flips
     assert after["train"]["loss"] == pytest.approx(before["train"]["loss"], abs=1e-4)
 

@@ -12,19 +12,21 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
-from tests.conftest import REPO, write_raw
+from tests.conftest import REPO, full_params, write_raw
 from tests.test_distributed import free_port
 
 pytestmark = pytest.mark.slow
 
 TRAIN = str(REPO / "pipeline" / "train.py")
 TIMING_KEYS = {"epoch_time_s", "samples_per_s", "train_time_s"}
-PARAMS = (
-    "data: {val_size: 77}\n"
-    "train: {epochs: 3, batch_size: 8, lr: 0.003, seed: 5, eval_batch_size: 16,"
-    " checkpoint_every_steps: 7, keep_checkpoints: 2, final_model: best}\n"
-)  # 323 train samples: 40 steps/epoch, 120 in all; mid-epoch checkpoints every 7 steps
+OVERRIDES = {
+    "data": {"subset": 0, "val_size": 77},
+    "train": {"epochs": 3, "batch_size": 8, "lr": 0.003, "seed": 5, "eval_batch_size": 16,
+              "checkpoint_every_steps": 7, "keep_checkpoints": 2, "final_model": "best"},
+}  # fmt: skip
+# 323 train samples: 40 steps/epoch, 120 in all; mid-epoch checkpoints every 7 steps
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +34,17 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     raw = write_raw(root / "raw", n_train=400, n_test=50)
     params = root / "params.yaml"
-    params.write_text(PARAMS)
+    params.write_text(yaml.safe_dump(full_params(OVERRIDES)))
     return root, raw, params
 
 
-def command(processes: int, out: Path, params: Path, raw: Path) -> list[str]:
+def command(processes: int, out: Path, params: Path, raw: Path, checkpoints: Path | None = None) -> list[str]:
     launch = [sys.executable] if processes == 1 else [
         "accelerate", "launch", "--quiet", "--multi_gpu", "--num_processes", str(processes),
         "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
     ]  # fmt: skip
     return [*launch, TRAIN, "--params", str(params), "--data", str(raw), "--model-dir", str(out / "models"),
-            "--live-dir", str(out / "live"), "--checkpoint-dir", str(out / "checkpoints"),
+            "--live-dir", str(out / "live"), "--checkpoint-dir", str(checkpoints or out / "checkpoints"),
             "--cpu-threads", "1"]  # fmt: skip
 
 
@@ -61,8 +63,13 @@ def run_and_kill(cmd: list[str], ckpt_dir: Path, when: str) -> None:
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
 
+    def found(pattern: str) -> set[Path]:  # inside run folders, checkpoints/<fingerprint>/
+        return set(ckpt_dir.glob(f"*/{pattern}")) if ckpt_dir.is_dir() else set()
+
+    before = found("step-*")  # another run's checkpoints in the same folder do not count
+
     def names(pattern: str) -> set[str]:
-        return {p.name for p in ckpt_dir.glob(pattern)} if ckpt_dir.is_dir() else set()
+        return {p.name for p in found(pattern) - before}
 
     def newest() -> int:
         return max((int(n.removeprefix("step-")) for n in names("step-*")), default=0)
@@ -135,25 +142,39 @@ def test_killed_run_resumes_to_bitwise_identical_weights_and_metrics(setup, refe
     assert (out / "models" / "model.json").read_bytes() == (ref / "models" / "model.json").read_bytes()
     assert untimed_metrics(out) == untimed_metrics(ref)
     assert curves(out) == curves(ref)  # every epoch's row, including those the killed run logged
-    assert len([p for p in (out / "checkpoints").iterdir()]) == 2  # keep_checkpoints held; temp folders gone
+    # the finished run's state is gone (a finished run is never resumed); only the lock file stays
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [".lock"]
 
 
-def test_changed_params_start_fresh_and_say_so(setup, reference, tmp_path):
-    root, raw, _ = setup
-    out = root / "reference-1"
-    changed = tmp_path / "params.yaml"
-    changed.write_text(PARAMS.replace("lr: 0.003", "lr: 0.002"))
-    proc = run(command(1, out, changed, raw))
-    assert "was made with other training params" in proc.stdout and "starting fresh" in proc.stdout
+def test_two_experiments_interrupted_one_after_the_other_both_resume(setup, reference, tmp_path):
+    root, raw, params = setup
+    other = tmp_path / "params-lr.yaml"
+    other.write_text(yaml.safe_dump(full_params(OVERRIDES, {"train": {"lr": 0.002}})))
+    shared = tmp_path / "checkpoints"  # one workspace: both experiments use the same checkpoint folder
+
+    def cmd(params_file: Path, out: Path) -> list[str]:
+        return command(1, out, params_file, raw, shared)
+
+    run(command(1, tmp_path / "lr-reference", other, raw))
+    run_and_kill(cmd(params, tmp_path / "a"), shared, "mid-epoch")
+    run_and_kill(cmd(other, tmp_path / "b"), shared, "mid-epoch")
+    assert len([p for p in shared.iterdir() if not p.name.startswith(".")]) == 2  # both runs' state kept
+
+    resumed_a = run(cmd(params, tmp_path / "a"))
+    assert "resuming from" in resumed_a.stdout
+    resumed_b = run(cmd(other, tmp_path / "b"))
+    assert "resuming from" in resumed_b.stdout
+    for out, ref in ((tmp_path / "a", reference[1]), (tmp_path / "b", tmp_path / "lr-reference")):
+        weights = out / "models" / "model.safetensors"
+        assert weights.read_bytes() == (ref / "models" / "model.safetensors").read_bytes()
+
+
+def test_a_run_under_other_params_starts_fresh_and_names_the_param(setup, tmp_path):
+    root, raw, params = setup
+    killed = tmp_path / "killed"
+    run_and_kill(command(1, killed, params, raw), killed / "checkpoints", "mid-epoch")
+    other = tmp_path / "params.yaml"
+    other.write_text(yaml.safe_dump(full_params(OVERRIDES, {"train": {"epochs": 1}})))
+    proc = run(command(1, tmp_path / "other", other, raw, killed / "checkpoints"))
+    assert "differs in param train.epochs (3 there, 1 now): starting fresh" in proc.stdout
     assert "resuming" not in proc.stdout
-    assert json.loads((out / "models" / "model.json").read_text())["epoch"] >= 1
-    run(command(1, out, setup[2], raw) + ["--fresh"])  # put the reference back for other tests
-
-
-def test_finished_run_rewrites_the_same_model_without_training(setup, reference):
-    _, raw, params = setup
-    ref = reference[1]
-    before = (ref / "models" / "model.safetensors").read_bytes()
-    proc = run(command(1, ref, params, raw))
-    assert "training already complete" in proc.stdout and "epoch 1/3" not in proc.stdout
-    assert (ref / "models" / "model.safetensors").read_bytes() == before

@@ -1,0 +1,194 @@
+"""dvc.lock tells the truth: real `dvc repro` / `dvc exp` runs in a temporary git copy of this repo.
+
+Every model comes from the code, data and params recorded beside it; the pipeline stays up to date
+after the ordinary DVC workflows; killed runs resume only themselves, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import project_repo, sh
+
+pytestmark = pytest.mark.slow
+
+# 5,000 training samples in 100 steps of 50 per epoch, a checkpoint every 10 steps: long enough to kill mid-epoch
+RECORD = {
+    "data": {"subset": 6000, "val_size": 1000},
+    "train": {"epochs": 2, "batch_size": 50, "checkpoint_every_steps": 10},
+    "evaluate": {"batch_size": 1000},
+}
+UP_TO_DATE = "Data and pipelines are up to date."
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return project_repo(tmp_path_factory.mktemp("record") / "repo", RECORD)
+
+
+def model_md5(repo: Path) -> str:
+    """The models output's hash as dvc.lock records it."""
+    train = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
+    return next(o["md5"] for o in train["outs"] if o["path"] == "models")
+
+
+def assert_up_to_date(repo: Path) -> None:
+    assert sh(repo, "dvc", "status").stdout.strip() == UP_TO_DATE
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage" not in out and UP_TO_DATE in out
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture(scope="module")
+def first(repo) -> str:
+    """The baseline: a full `dvc repro`, committed; returns its model md5."""
+    sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline results")
+    return model_md5(repo)
+
+
+def test_a_code_change_retrains_and_reverting_it_gives_the_first_model_back(repo, first):
+    edit(repo / "pipeline" / "train.py", "pct_start=0.25", "pct_start=0.6")
+    out = sh(repo, "dvc", "repro").stdout
+    assert "Running stage 'train'" in out and "epoch 2/2" in out
+    assert "resuming" not in out and "already complete" not in out
+    assert model_md5(repo) != first  # new code, new weights
+    sh(repo, "git", "checkout", "--", "pipeline/train.py")
+    sh(repo, "dvc", "repro")
+    assert model_md5(repo) == first
+    assert_up_to_date(repo)
+
+
+def test_an_architecture_change_retrains_cleanly(repo, first):
+    model = repo / "pipeline" / "model.py"
+    edit(model, "nn.Linear(self.flat_features, 256), nn.ReLU(),\n            nn.Linear(256, 128)",
+         "nn.Linear(self.flat_features, 200), nn.ReLU(),\n            nn.Linear(200, 128)")  # fmt: skip
+    proc = sh(repo, "dvc", "repro")
+    assert "epoch 2/2" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    assert json.loads((repo / "models" / "model.json").read_text())["provenance"]["code"]["pipeline/model.py"]
+    sh(repo, "git", "checkout", "--", "pipeline/model.py")
+    sh(repo, "dvc", "repro")
+    assert model_md5(repo) == first
+
+
+def test_repro_force_trains_from_scratch(repo, first):
+    out = sh(repo, "dvc", "repro", "--force", "--single-item", "train").stdout
+    assert "epoch 1/2" in out and "epoch 2/2" in out and "resuming" not in out
+    assert model_md5(repo) == first  # the same code, data and params train the same weights
+
+
+def start_repro(repo: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with log.open("w") as f:
+        return subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=env, stdout=f,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def wait_for_checkpoint(repo: Path, proc: subprocess.Popen, step: int) -> None:
+    """Until a checkpoint at ``step`` or later exists in the run's folder (mid-epoch 1 for step < 100)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        steps = [int(p.name.removeprefix("step-")) for p in (repo / "checkpoints").glob("*/step-*")]
+        if max(steps, default=0) >= step:
+            return
+        assert proc.poll() is None, "dvc repro ended before the checkpoint"
+        time.sleep(0.001)
+    raise AssertionError("no checkpoint in time")
+
+
+def trainers(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+
+
+def test_sigkill_mid_epoch_then_repro_resumes_to_the_uninterrupted_model(repo, first, tmp_path):
+    proc = start_repro(repo, tmp_path / "killed.log")
+    wait_for_checkpoint(repo, proc, 30)
+    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in victims:  # the whole tree at once, as a lost machine
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(victims, timeout=10)
+    out = sh(repo, "dvc", "repro").stdout
+    assert "resuming from checkpoints/" in out and "(epoch 1, step " in out
+    assert model_md5(repo) == first  # bit for bit what the uninterrupted run wrote
+    assert_up_to_date(repo)
+
+
+def test_sigterm_to_dvc_ends_the_trainer_and_the_run_resumes(repo, first, tmp_path):
+    log = tmp_path / "terminated.log"
+    proc = start_repro(repo, log)
+    wait_for_checkpoint(repo, proc, 20)
+    running = trainers(proc)
+    assert running, "no trainer process found under dvc"
+    os.kill(proc.pid, signal.SIGTERM)  # dvc alone; its children are not signalled
+    proc.wait()
+    gone, alive = psutil.wait_procs(running, timeout=20)
+    assert not alive, "the trainer trains on as an orphan"
+    assert "which started this run, has exited: stopping" in log.read_text()
+    out = sh(repo, "dvc", "repro").stdout  # the lock was released with the trainer, and its state kept
+    assert "resuming from checkpoints/" in out
+    assert model_md5(repo) == first
+
+
+def test_exp_apply_of_an_experiment_and_of_the_baseline_keeps_the_pipeline_up_to_date(repo, first):
+    sh(repo, "dvc", "exp", "run", "-n", "lr-high", "-S", "train.lr=0.004")
+    changed = model_md5(repo)
+    assert changed != first
+    sh(repo, "dvc", "exp", "apply", "lr-high")
+    assert model_md5(repo) == changed
+    assert_up_to_date(repo)
+    sh(repo, "git", "checkout", "--", ".")  # back to the baseline: git for the small files ...
+    sh(repo, "dvc", "checkout")  # ... DVC for the cached outputs
+    assert model_md5(repo) == first
+    assert_up_to_date(repo)
+
+
+def test_git_checkout_then_dvc_checkout_keeps_the_pipeline_up_to_date(repo, first):
+    sh(repo, "dvc", "exp", "branch", "lr-high", "lr-high-branch")
+    sh(repo, "git", "checkout", "-q", "lr-high-branch")
+    sh(repo, "dvc", "checkout")
+    assert model_md5(repo) != first
+    assert_up_to_date(repo)
+    sh(repo, "git", "checkout", "-q", "-")
+    sh(repo, "dvc", "checkout")
+    assert model_md5(repo) == first
+    assert_up_to_date(repo)
+
+
+def test_a_fresh_clone_and_dvc_pull_from_a_remote_is_up_to_date(repo, first, tmp_path):
+    sh(repo, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    sh(repo, "git", "commit", "-qam", "a shared remote")
+    sh(repo, "dvc", "push")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    sh(clone, "dvc", "pull")
+    assert model_md5(clone) == first
+    assert_up_to_date(clone)
+
+
+def test_a_launcher_precision_that_params_do_not_record_is_refused(repo, tmp_path):
+    config = tmp_path / "bf16.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_machines: 1\n"
+                      "num_processes: 1\nmixed_precision: bf16\nuse_cpu: true\n")  # fmt: skip
+    proc = sh(repo, "dvc", "repro", "--force", "--single-item", "train", check=False,
+              ACCELERATE_CONFIG_FILE=str(config))  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: the launcher asks for mixed precision bf16")
+    assert "Traceback" not in proc.stdout + proc.stderr
