@@ -307,14 +307,20 @@ def open_run(
     run = root / key.fingerprint()
     clean_partial(run)
     notes: list[str] = []
+    legacy = list_checkpoints(root)  # step-* straight under root: an older layout, with no run key to match
+    if legacy:
+        notes.append(f"removed {len(legacy)} checkpoint(s) {root}/step-* of an older layout: no run can resume them")
+        for path in legacy:
+            shutil.rmtree(path, ignore_errors=True)
     ckpt = None
     if fresh:
         if list_checkpoints(run):
             notes.append(f"--fresh: removing this run's checkpoints in {run}")
         remove_run(run)
     else:
-        ckpt, notes = resumable(run, expected)
-    if ckpt is None and not notes:
-        notes = _why_not_others(root, run, key)
+        ckpt, passed_over = resumable(run, expected)
+        notes += passed_over
+        if ckpt is None and not passed_over:
+            notes += _why_not_others(root, run, key)
     start_run(root, key)
     return run, ckpt, notes + _prune(root, run, keep_runs)

@@ -110,6 +110,7 @@ class Stopper:
 
     def __init__(self, watch: list[psutil.Process], poll_s: float = 1.0, grace_s: float = 30.0) -> None:
         self.watch, self.poll_s, self.grace_s = watch, poll_s, grace_s
+        self.names = {p.pid: _describe(p) for p in watch}  # while they are alive to be asked
         self.reason = ""
         self._done = threading.Event()
         self._previous: signal.Handlers | None = None
@@ -135,7 +136,7 @@ class Stopper:
             gone = next((p for p in self.watch if _is_gone(p)), None)
             if gone is None:
                 continue
-            self.reason = f"{_describe(gone)}, which started this run, has exited: stopping, not training on alone"
+            self.reason = f"{self.names[gone.pid]}, which started this run, has exited: stopping, not training on alone"
             os.kill(os.getpid(), signal.SIGTERM)
             if not self._done.wait(self.grace_s):  # the main thread is stuck in C code (a collective)
                 print(f"error: {self.reason} (forced after {self.grace_s:g}s)", file=sys.stderr, flush=True)

@@ -245,7 +245,7 @@ def train_stage(params: dict, data: Path, tmp: Path) -> Path:
     path.write_text(yaml.safe_dump(params))
     cmd = [sys.executable, str(ROOT / "pipeline" / "train.py"), "--params", str(path), "--data", str(data),
            "--model-dir", str(tmp / "m"), "--live-dir", str(tmp / "live"),
-           "--checkpoint-dir", str(tmp / "c")]  # fmt: skip
+           "--checkpoint-dir", str(tmp / "c"), "--keep-state"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}  # params decide, not the shell
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -253,11 +253,19 @@ def train_stage(params: dict, data: Path, tmp: Path) -> Path:
     return tmp
 
 
+def checkpoints(out: Path) -> list[Path]:
+    """The checkpoints the stage kept (``--keep-state``) in its one run folder, oldest first."""
+    from pipeline.checkpoint import list_checkpoints, list_runs
+
+    (run,) = list_runs(out / "c")
+    return list_checkpoints(run)
+
+
 def history(out: Path) -> list[dict]:
     """The stage's per-epoch rows (samples/s, ...) from its last checkpoint: no DVCLive needed."""
-    from pipeline.checkpoint import list_checkpoints, read_checkpoint
+    from pipeline.checkpoint import read_checkpoint
 
-    return read_checkpoint(list_checkpoints(out / "c")[-1]).state.history
+    return read_checkpoint(checkpoints(out)[-1]).state.history
 
 
 def gpu_peak(rows: list[dict]) -> dict:
@@ -285,7 +293,7 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict:
     """A whole recipe on the train stage; test accuracy of every epoch's checkpoint afterwards."""
     import torch
 
-    from pipeline.checkpoint import list_checkpoints, read_checkpoint
+    from pipeline.checkpoint import read_checkpoint
     from pipeline.data import load_split, to_input
     from pipeline.model import ModelConfig, build_model
 
@@ -308,7 +316,7 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict:
         model = build_model(ModelConfig(name=params["model"]["name"])).to(device)
         curve, train_s = [], 0.0
         steps = (len_train(params, data) // params["train"]["batch_size"]) * params["train"]["batch_size"]
-        for path, rate in zip(list_checkpoints(out / "c"), rates, strict=True):
+        for path, rate in zip(checkpoints(out), rates, strict=True):
             train_s += steps / rate
             model.load_state_dict(read_checkpoint(path).model)
             curve.append({"train_s": round(train_s, 2), "test_accuracy": accuracy_on(model, test_x, test_y)})

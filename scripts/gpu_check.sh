@@ -3,8 +3,9 @@
 #   1. scripts/benchmark.py on the GPU: throughput of the seed tutorial loop and every speed option, the
 #      data path's share of a step, then the seed loop's 10 epochs and the default, fast and beyond
 #      recipes over seeds 0 1 2 with their time to 90% / 91% / 93.5% test accuracy;
-#   2. the train stage under `accelerate launch` on 1 GPU with --mixed_precision bf16 from the launcher,
-#      then the evaluate stage: wall time and test accuracy.
+#   2. the train stage under `accelerate launch` on 1 GPU with train.mixed_precision=bf16 (params decide the
+#      precision; a launcher flag that contradicts them is refused), then the evaluate stage: wall time and
+#      test accuracy.
 # Needs data/raw (carry it). Writes everything under $OUT; each part has its own time limit, together
 # 565 s, inside one 600 s device command.
 # Usage: OUT=/tmp/gpu bash scripts/gpu_check.sh
@@ -32,19 +33,25 @@ cat "$OUT/accuracy.md"
 
 dir="$OUT/launch-bf16"
 mkdir -p "$dir"
+python - "${PARAMS:-params.yaml}" "$dir/params.yaml" <<'PY'
+import sys, yaml
+params = yaml.safe_load(open(sys.argv[1]))
+params["train"]["mixed_precision"] = "bf16"
+yaml.safe_dump(params, open(sys.argv[2], "w"))
+PY
 start=$(date +%s.%N)
-timeout "${LAUNCH_LIMIT:-75}" accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision bf16 \
-  --dynamo_backend no pipeline/train.py --params "${PARAMS:-params.yaml}" --model-dir "$dir/models" --live-dir "$dir/live" \
+timeout "${LAUNCH_LIMIT:-75}" accelerate launch --quiet --num_processes 1 --num_machines 1 \
+  --dynamo_backend no pipeline/train.py --params "$dir/params.yaml" --model-dir "$dir/models" --live-dir "$dir/live" \
   --checkpoint-dir "$dir/checkpoints" > "$dir/train.log" 2>&1
 echo "launch exit $?" | tee -a "$OUT/summary.txt"
 end=$(date +%s.%N)
-python pipeline/evaluate.py --params "${PARAMS:-params.yaml}" --model-dir "$dir/models" --out "$dir/test.json" --eval-dir "$dir/eval" \
+python pipeline/evaluate.py --params "$dir/params.yaml" --model-dir "$dir/models" --out "$dir/test.json" --eval-dir "$dir/eval" \
   > "$dir/evaluate.log" 2>&1
 python - "$dir" "$start" "$end" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import json, sys
 d, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 test = json.load(open(f"{d}/test.json"))
-print(f"accelerate launch, 1 GPU, --mixed_precision bf16, default recipe: train wall {float(end) - float(start):.1f}s "
+print(f"accelerate launch, 1 GPU, train.mixed_precision=bf16, default recipe: train wall {float(end) - float(start):.1f}s "
       f"(launch included), test accuracy {test['accuracy']:.4f}")
 PY
 tail -5 "$dir/train.log"

@@ -255,3 +255,10 @@ def test_fresh_discards_only_this_runs_state(tmp_path):
     run, ckpt, notes = open_run(tmp_path, key(), expected(), fresh=True, keep_runs=3)
     assert run == mine and ckpt is None and notes == [f"--fresh: removing this run's checkpoints in {mine}"]
     assert list_checkpoints(mine) == [] and len(list_checkpoints(other)) == 1
+
+
+def test_checkpoints_of_the_older_layout_are_removed_with_a_line(tmp_path):
+    save(tmp_path, 4)  # checkpoints/step-00000004: no run folder, no run key
+    run, ckpt, notes = open_run(tmp_path, key(), expected(), fresh=False, keep_runs=3)
+    assert ckpt is None and list_checkpoints(tmp_path) == []
+    assert notes == [f"removed 1 checkpoint(s) {tmp_path}/step-* of an older layout: no run can resume them"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO, full_params, write_raw
@@ -178,3 +179,21 @@ def test_a_run_under_other_params_starts_fresh_and_names_the_param(setup, tmp_pa
     proc = run(command(1, tmp_path / "other", other, raw, killed / "checkpoints"))
     assert "differs in param train.epochs (3 there, 1 now): starting fresh" in proc.stdout
     assert "resuming" not in proc.stdout
+
+
+def test_a_checkpoint_that_does_not_fit_costs_one_line_and_the_previous_one_resumes(setup, reference, tmp_path):
+    _, raw, params = setup
+    out = tmp_path / "tampered"
+    cmd = command(1, out, params, raw)
+    run_and_kill(cmd, out / "checkpoints", "mid-epoch")
+    (run_dir,) = [p for p in (out / "checkpoints").iterdir() if p.is_dir()]
+    newest = sorted(run_dir.glob("step-*"))[-1]
+    optimizer = torch.load(newest / "optimizer.pt", weights_only=True)
+    optimizer["state"][0]["exp_avg"] = torch.zeros(3, 3)  # readable, but of another shape
+    torch.save(optimizer, newest / "optimizer.pt")
+    resumed = run(cmd)
+    notes = [line for line in resumed.stdout.splitlines() if "cannot resume this run" in line]
+    assert len(notes) == 1 and f"{newest} cannot resume this run: its optimizer exp_avg of parameter 0" in notes[0]
+    assert "resuming from" in resumed.stdout and "Traceback" not in resumed.stderr
+    weights = (out / "models" / "model.safetensors").read_bytes()
+    assert weights == (reference[1] / "models" / "model.safetensors").read_bytes()  # the previous one, bit for bit

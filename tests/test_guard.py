@@ -1,0 +1,97 @@
+"""The train stage's process guards, on real processes: the checkpoint-folder lock, SIGTERM, a dead launcher."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.guard import hold_checkpoint_dir, starters
+from tests.conftest import REPO
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from pipeline.guard import hold_checkpoint_dir
+with hold_checkpoint_dir(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+# A run under the Stopper, as the train stage has it: it prints its pid, then "trains" until stopped.
+GUARDED = """
+import os, sys, time
+from pipeline.errors import cli
+from pipeline.guard import Stopper, starters
+
+@cli
+def main():
+    with Stopper(starters(), poll_s=0.05):
+        print(os.getpid(), flush=True)
+        time.sleep(120)
+
+main()
+"""
+
+# A stand-in for `accelerate launch`: starts the run with a launcher's environment, then waits.
+LAUNCHER = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, "LOCAL_RANK": "0"},
+                         stderr=open(sys.argv[2], "w"))
+time.sleep(120)
+"""
+
+
+def python(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, text=True, **kwargs)
+
+
+def test_a_held_checkpoint_folder_is_refused_and_freed_when_its_holder_dies(tmp_path):
+    holder = python("-c", HOLD, str(tmp_path), stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(PipelineError, match=rf"is in use by another trainer \(pid {holder.pid} on .*, started"):
+        with hold_checkpoint_dir(tmp_path):
+            pass
+    holder.send_signal(signal.SIGKILL)  # no cleanup runs: the OS drops the lock with the process
+    holder.communicate()
+    with hold_checkpoint_dir(tmp_path):
+        assert (tmp_path / ".owner.json").is_file()
+    assert not (tmp_path / ".owner.json").exists()
+
+
+def test_sigterm_ends_a_guarded_run_in_one_line_with_exit_143():
+    run = python("-c", GUARDED, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert run.stdout is not None and int(run.stdout.readline()) == run.pid
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=30)
+    assert run.returncode == 143
+    assert err.strip() == "error: stopped by SIGTERM; run it again to resume from the newest checkpoint"
+
+
+def test_a_run_whose_launcher_dies_stops_instead_of_training_on(tmp_path):
+    log = tmp_path / "run.err"
+    launcher = python("-c", LAUNCHER, GUARDED, str(log))
+    deadline = time.monotonic() + 60
+    while not psutil.Process(launcher.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (run,) = psutil.Process(launcher.pid).children()
+    time.sleep(1)  # the run is up, watching its launcher
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    gone, alive = psutil.wait_procs([run], timeout=15)
+    assert not alive, "the run trains on as an orphan"
+    said = log.read_text()  # the launcher is named as it was while it ran: "python (pid N)"
+    assert re.search(rf"^error: \S+ \(pid {launcher.pid}\), which started this run, has exited: stopping", said)
+
+
+def test_only_a_launcher_or_dvc_is_watched():
+    assert starters({}) == []  # run by hand: nohup keeps working
+    (launcher,) = starters({"LOCAL_RANK": "0"})
+    assert launcher.pid == os.getppid()
