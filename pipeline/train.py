@@ -31,6 +31,7 @@ from accelerate.utils import (  # noqa: E402
     set_seed,
 )
 from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipeline.checkpoint import Checkpoint, Expected, TrainState, open_run, remove_run, save_checkpoint  # noqa: E402
@@ -134,14 +135,16 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         train: Split,
+        val_loader: DataLoader,
         cfg: TrainParams,
         state: TrainState,
         best: dict[str, torch.Tensor] | None,
         run_dir: Path,
     ) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.train, self.cfg, self.state, self.run_dir = train, cfg, state, run_dir
+        self.train, self.val_loader, self.cfg, self.state, self.run_dir = train, val_loader, cfg, state, run_dir
         self.best = best
+        self.live = False  # whether DVCLive records the rows (else they are only printed)
         self.device = accelerator.device
         # loss sum, correct, samples of the current epoch; the main process carries the folded
         # totals of all processes up to the last checkpoint, the others their own since then
@@ -213,6 +216,38 @@ class Trainer:
         loss_sum, correct, samples = self.fold_sums()
         self.sums.zero_()
         return loss_sum / samples, correct / samples, int(samples)
+
+    def run_epoch(self, epoch: int) -> None:
+        """One whole epoch: train (from ``state.step``), validate, log its row, checkpoint."""
+        acc, cfg = self.accelerator, self.cfg
+        t0 = time.perf_counter()
+        first_step = self.state.step
+        loss, accuracy, _ = self.train_epoch(epoch)
+        train_time = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise DataError(f"training diverged at epoch {epoch + 1} (loss {loss}); lower train.lr")
+        preds, labels, losses = predict(acc, self.model, self.val_loader)
+        report = classification_report(confusion_matrix(preds, labels, len(CLASSES)), CLASSES)
+        val_loss = float(losses.double().mean())
+        local = (steps_per_epoch(len(self.train), cfg.batch_size) - first_step) * cfg.batch_size  # this run's share
+        row = {
+            "train/loss": round(loss, 6),
+            "train/accuracy": round(accuracy, 6),
+            "val/loss": round(val_loss, 6),
+            "val/accuracy": report["accuracy"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": round(time.perf_counter() - t0, 3),
+            "samples_per_s": round(local / train_time, 1),
+        }
+        if acc.device.type == "cuda":
+            row["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        acc.log(row, step=epoch + 1)  # DVCLive's step is the epoch, counted from 1
+        say(
+            acc,
+            f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss:.4f} acc {accuracy:.4f}  "
+            f"val loss {val_loss:.4f} acc {report['accuracy']:.4f}  {row['samples_per_s']:.0f} samples/s",
+        )
+        self.end_epoch(row, report["accuracy"])
 
     def end_epoch(self, row: dict[str, float], val_accuracy: float) -> None:
         """Record a finished epoch (and the best weights so far), then checkpoint it."""
@@ -308,19 +343,30 @@ def run(params: Params, paths: Paths, cpu_threads: int, fresh: bool, keep_state:
         train_and_export(accelerator, params, paths, fresh, keep_state, live_available)
 
 
-def train_and_export(
-    accelerator: Accelerator, params: Params, paths: Paths, fresh: bool, keep_state: bool, live_available: bool
-) -> None:
+@dataclass
+class Parts:
+    """What ``build`` makes: the data, the run's key, and the unprepared model, optimizer and schedule."""
+
+    full: Split  # the training split before validation is carved out (for the sample grid)
+    train: Split
+    val: Split
+    key: RunKey
+    model_cfg: ModelConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps: int  # optimizer steps per epoch
+
+
+def build(accelerator: Accelerator, params: Params, data: Path) -> Parts:
+    """Seed, read and split the data, and make the model, AdamW and the schedule (in that order: the RNG)."""
     cfg = params.train
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     set_seed(cfg.seed)
-
-    full = load_split(paths.data, "train", params.data.subset)
+    full = load_split(data, "train", params.data.subset)
     train, val = train_val_split(full, params.data.val_size, params.data.split_seed)
     check_sizes(params, train, accelerator.num_processes)
-    key = run_key(params, paths.data, accelerator.num_processes)
-
     model_cfg = ModelConfig(name=params.model.name)
     model = build_model(model_cfg)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
@@ -331,93 +377,76 @@ def train_and_export(
     steps = steps_per_epoch(len(train), cfg.batch_size)
     # Not prepared: Accelerate would step it once per process per step.
     scheduler = make_schedule(optimizer, cfg, cfg.epochs * steps)
+    key = run_key(params, data, accelerator.num_processes)
+    return Parts(full, train, val, key, model_cfg, model, optimizer, scheduler, steps)
 
+
+def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path, fresh: bool) -> Trainer:
+    """Resume this run's newest fitting checkpoint, or start fresh; prepare; return the trainer."""
+    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     expected = Expected(
         model=model.state_dict(),
         param_shapes=[p.shape for p in model.parameters()],
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         epochs=cfg.epochs,
-        steps_per_epoch=steps,
+        steps_per_epoch=parts.steps,
     )
-    run_dir, ckpt, notes = resume_or_start(accelerator, paths.checkpoint_dir, key, expected, fresh, cfg.keep_runs)
+    run_dir, ckpt, notes = resume_or_start(accelerator, root, parts.key, expected, fresh, cfg.keep_runs)
     for note in notes:
         say(accelerator, note)
-    state = TrainState(fingerprint=key.fingerprint())
-    best = None
+    state, best = TrainState(fingerprint=parts.key.fingerprint()), None
     if ckpt is not None:
         model.load_state_dict(ckpt.model)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
         torch.set_rng_state(ckpt.rng)
         state, best = ckpt.state, ckpt.best
-        say(accelerator, f"resuming from {ckpt.path} (epoch {state.epoch + 1}, step {state.step} of {steps})")
+        say(accelerator, f"resuming from {ckpt.path} (epoch {state.epoch + 1}, step {state.step} of {parts.steps})")
+    model, optimizer, val_loader = accelerator.prepare(model, optimizer, eval_loader(parts.val, cfg.eval_batch_size))
+    train = parts.train.to(accelerator.device)  # the whole uint8 set lives on the device; batches are index slices
+    return Trainer(accelerator, model, optimizer, scheduler, train, val_loader, cfg, state, best, run_dir)
 
-    model, optimizer, val_loader = accelerator.prepare(model, optimizer, eval_loader(val, cfg.eval_batch_size))
-    train = train.to(accelerator.device)  # the whole uint8 set lives on the device; batches are index slices
-    trainer = Trainer(accelerator, model, optimizer, scheduler, train, cfg, state, best, run_dir)
 
+def start_logging(accelerator: Accelerator, params: Params, live_dir: Path, trainer: Trainer, parts: Parts) -> None:
+    """DVCLive through Accelerate's tracker: the params, the epochs a resumed run did not see, a sample grid."""
     accelerator.init_trackers(
         "fashion-mnist",
         config={k: v for k, v in _flat(as_dict(params)).items() if not k.startswith("download.")},
-        init_kwargs={"dvclive": {"dir": str(paths.live_dir), "save_dvc_exp": False, "dvcyaml": None}},
+        init_kwargs={"dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}},
     )
-    for i, row in enumerate(state.history, start=1):  # a resumed run rewrites the epochs it did not see
+    for i, row in enumerate(trainer.state.history, start=1):  # a resumed run rewrites the epochs it did not see
         accelerator.log(row, step=i)
-    if not live_available:
+    if not trainer.live:
         say(accelerator, "dvclive is not installed: per-epoch metrics are printed, not written")
     elif accelerator.is_main_process:
+        full = parts.full
         picks = first_of_each_class(full.images, full.labels, per_class=4)
         grid = label_grid(full.images[picks], [CLASSES[int(k)] for k in full.labels[picks]], cols=8)
         accelerator.get_tracker("dvclive", unwrap=True).log_image("train_samples.png", grid)
     where = str(accelerator.device)
     if accelerator.device.type == "cpu":
         where += f" ({torch.get_num_threads()} threads)"
+    cfg = params.train
     say(
         accelerator,
-        f"train: {len(train)} samples, val: {len(val)}, {accelerator.num_processes} process(es) on {where}, "
-        f"{steps} steps/epoch of {cfg.batch_size}, mixed precision: {cfg.mixed_precision}, run {run_dir}",
+        f"train: {len(parts.train)} samples, val: {len(parts.val)}, {accelerator.num_processes} process(es) on "
+        f"{where}, {parts.steps} steps/epoch of {cfg.batch_size}, mixed precision: {cfg.mixed_precision}, "
+        f"run {trainer.run_dir}",
     )
-    start = time.perf_counter()
-    for epoch in range(state.epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        first_step = state.step
-        loss, accuracy, samples = trainer.train_epoch(epoch)
-        train_time = time.perf_counter() - t0
-        if not math.isfinite(loss):
-            raise DataError(f"training diverged at epoch {epoch + 1} (loss {loss}); lower train.lr")
-        preds, labels, losses = predict(accelerator, model, val_loader)
-        report = classification_report(confusion_matrix(preds, labels, len(CLASSES)), CLASSES)
-        val_loss = float(losses.double().mean())
-        local = (steps - first_step) * cfg.batch_size  # samples this run trained in this epoch
-        row = {
-            "train/loss": round(loss, 6),
-            "train/accuracy": round(accuracy, 6),
-            "val/loss": round(val_loss, 6),
-            "val/accuracy": report["accuracy"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": round(time.perf_counter() - t0, 3),
-            "samples_per_s": round(local / train_time, 1),
-        }
-        if accelerator.device.type == "cuda":
-            row["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        accelerator.log(row, step=epoch + 1)  # DVCLive's step is the epoch, counted from 1
-        say(
-            accelerator,
-            f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss:.4f} acc {accuracy:.4f}  "
-            f"val loss {val_loss:.4f} acc {report['accuracy']:.4f}  {row['samples_per_s']:.0f} samples/s",
-        )
-        trainer.end_epoch(row, report["accuracy"])
 
+
+def export(trainer: Trainer, parts: Parts, model_dir: Path, keep_state: bool) -> tuple[int, float]:
+    """Write the model artifact with its provenance (main process); returns (its epoch, its val accuracy)."""
+    accelerator, cfg, state = trainer.accelerator, trainer.cfg, trainer.state
     accelerator.wait_for_everyone()
     use_best = cfg.final_model == "best"
     final_epoch = state.best_epoch if use_best else cfg.epochs - 1
     final_val = state.best_val if use_best else state.history[-1]["val/accuracy"]
     if accelerator.is_main_process:
         final = trainer.best if use_best and trainer.best is not None else trainer.weights()
-        if live_available:
-            live = accelerator.get_tracker("dvclive", unwrap=True)
-            live.summary.update(
+        if trainer.live:
+            accelerator.get_tracker("dvclive", unwrap=True).summary.update(
                 {
                     "best_val_accuracy": state.best_val,
                     "final_model": cfg.final_model,
@@ -426,24 +455,32 @@ def train_and_export(
                     "processes": accelerator.num_processes,
                 }
             )
-        out = build_model(model_cfg)
+        out = build_model(parts.model_cfg)
         out.load_state_dict(final)
-        provenance = {"fingerprint": key.fingerprint(), **key.to_json()}
+        provenance = {"fingerprint": parts.key.fingerprint(), **parts.key.to_json()}
         provenance.update(environment(accelerator.device, accelerator.mixed_precision))
-        save_artifact(
-            out,
-            model_cfg,
-            paths.model_dir,
-            extra={
-                "final_model": cfg.final_model,
-                "epoch": final_epoch + 1,
-                "val_accuracy": final_val,
-                "provenance": provenance,
-            },
-        )
+        extra = {"final_model": cfg.final_model, "epoch": final_epoch + 1, "val_accuracy": final_val}
+        save_artifact(out, parts.model_cfg, model_dir, extra={**extra, "provenance": provenance})
         if not keep_state:  # the model is written: a finished run is never resumed, so its state goes
-            remove_run(run_dir)
+            remove_run(trainer.run_dir)
     accelerator.end_training()
+    return final_epoch, final_val
+
+
+def train_and_export(
+    accelerator: Accelerator, params: Params, paths: Paths, fresh: bool, keep_state: bool, live: bool
+) -> None:
+    """Build, restore (or start), fit, export; then the summary."""
+    cfg = params.train
+    parts = build(accelerator, params, paths.data)
+    trainer = restore(accelerator, parts, cfg, paths.checkpoint_dir, fresh)
+    trainer.live = live
+    start_logging(accelerator, params, paths.live_dir, trainer, parts)
+    start = time.perf_counter()
+    for epoch in range(trainer.state.epoch, cfg.epochs):
+        trainer.run_epoch(epoch)
+    final_epoch, final_val = export(trainer, parts, paths.model_dir, keep_state)
+    state = trainer.state
     say(
         accelerator,
         summary_table(
@@ -454,7 +491,7 @@ def train_and_export(
                           f"{cfg.mixed_precision})"),
                 ("time", f"{time.perf_counter() - start:.1f}s in this run"),
                 ("artifacts", f"{paths.model_dir}/, {paths.live_dir}/ (metrics, curves, train_samples.png); "
-                              f"{run_dir} {'kept' if keep_state else 'removed (finished)'}"),
+                              f"{trainer.run_dir} {'kept' if keep_state else 'removed (finished)'}"),
                 ("next", "dvc repro evaluate (test accuracy), dvc plots show"),
             ]
         ),
