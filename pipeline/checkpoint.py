@@ -76,6 +76,7 @@ class Expected:
     scheduler: dict[str, Any]
     epochs: int
     steps_per_epoch: int
+    fingerprint: str  # the run's key: a checkpoint made by another run never fits
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -174,6 +175,8 @@ def _optimizer_misfit(got: dict[str, Any], want: dict[str, Any], shapes: list[to
 def misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
     """Why ``ckpt`` cannot resume the run ``expected`` describes, in a few words; None if it fits."""
     st, steps = ckpt.state, expected.steps_per_epoch
+    if st.fingerprint != expected.fingerprint:
+        return f"it was made by another run ({st.fingerprint})"
     if not (0 <= st.epoch < expected.epochs and 0 <= st.step < steps and st.global_step == st.epoch * steps + st.step):
         return f"its position (epoch {st.epoch}, step {st.step}, global step {st.global_step}) is out of range"
     if len(st.history) != st.epoch or len(st.sums) != 3 or not all(math.isfinite(x) for x in st.sums):

@@ -24,7 +24,7 @@ from pipeline.errors import ParamsError
 
 MODEL_NAMES = ("tutorial_cnn", "bn_cnn")
 SCHEDULES = ("onecycle", "constant")
-MIXED_PRECISIONS = ("fp32", "bf16", "fp16")
+MIXED_PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.mixed_precision -> Accelerate's name
 OPTIMIZER_IMPLS = ("auto", "for_loop", "foreach", "fused")
 FINAL_MODELS = ("last", "best")
 DEFAULT_SOURCES = (

@@ -49,7 +49,7 @@ from pipeline.errors import DataError, PipelineError, cli  # noqa: E402
 from pipeline.guard import Stopper, hold_checkpoint_dir, starters  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
 from pipeline.model import ModelConfig, build_model, save_artifact  # noqa: E402
-from pipeline.params import Params, TrainParams, as_dict, load_params  # noqa: E402
+from pipeline.params import MIXED_PRECISIONS, Params, TrainParams, as_dict, load_params  # noqa: E402
 from pipeline.plots import first_of_each_class, label_grid  # noqa: E402
 from pipeline.provenance import RunKey, environment, run_key  # noqa: E402
 from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
@@ -101,13 +101,9 @@ def check_compiler(cfg: TrainParams) -> None:
             )
 
 
-# train.mixed_precision -> Accelerate's name for it
-ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
 def accelerator_options(cfg: TrainParams) -> dict:
     """Accelerator keyword arguments from the train params; params.yaml, not the launcher, sets the precision."""
-    options: dict = {"mixed_precision": ACCELERATE_PRECISION[cfg.mixed_precision]}
+    options: dict = {"mixed_precision": MIXED_PRECISIONS[cfg.mixed_precision]}
     if cfg.compile:
         options["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor")
     return options
@@ -140,11 +136,13 @@ class Trainer:
         state: TrainState,
         best: dict[str, torch.Tensor] | None,
         run_dir: Path,
+        live: bool,
     ) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.train, self.val_loader, self.cfg, self.state, self.run_dir = train, val_loader, cfg, state, run_dir
         self.best = best
-        self.live = False  # whether DVCLive records the rows (else they are only printed)
+        self.live = live  # whether DVCLive records the rows (else they are only printed)
+        self.steps = steps_per_epoch(len(train), cfg.batch_size)
         self.device = accelerator.device
         # loss sum, correct, samples of the current epoch; the main process carries the folded
         # totals of all processes up to the last checkpoint, the others their own since then
@@ -177,7 +175,7 @@ class Trainer:
             cutout=cfg.cutout,
             device=self.device,
         )
-        steps = steps_per_epoch(len(self.train), cfg.batch_size)
+        steps = self.steps
         bar = tqdm(  # a terminal gets a live bar; logs (CI, dvc repro > file) get the one line per epoch
             total=steps * cfg.batch_size,
             initial=self.state.step * cfg.batch_size,
@@ -229,7 +227,7 @@ class Trainer:
         preds, labels, losses = predict(acc, self.model, self.val_loader)
         report = classification_report(confusion_matrix(preds, labels, len(CLASSES)), CLASSES)
         val_loss = float(losses.double().mean())
-        local = (steps_per_epoch(len(self.train), cfg.batch_size) - first_step) * cfg.batch_size  # this run's share
+        local = (self.steps - first_step) * cfg.batch_size  # samples this run trained in this epoch
         row = {
             "train/loss": round(loss, 6),
             "train/accuracy": round(accuracy, 6),
@@ -298,8 +296,8 @@ def resume_or_start(
 def check_launcher_precision(cfg: TrainParams, env: Mapping[str, str] | None = None) -> None:
     """Refuse a launcher precision that params.yaml does not record (the launcher's ``no`` means: not set)."""
     launcher = (os.environ if env is None else env).get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher not in ("no", ACCELERATE_PRECISION[cfg.mixed_precision]):
-        ours = {v: k for k, v in ACCELERATE_PRECISION.items()}.get(launcher, launcher)
+    if launcher not in ("no", MIXED_PRECISIONS[cfg.mixed_precision]):
+        ours = {v: k for k, v in MIXED_PRECISIONS.items()}.get(launcher, launcher)
         raise PipelineError(
             f"the launcher asks for mixed precision {launcher} (accelerate config or --mixed_precision) but "
             f"train.mixed_precision is {cfg.mixed_precision}; params.yaml records the precision, so set it there "
@@ -381,7 +379,7 @@ def build(accelerator: Accelerator, params: Params, data: Path) -> Parts:
     return Parts(full, train, val, key, model_cfg, model, optimizer, scheduler, steps)
 
 
-def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path, fresh: bool) -> Trainer:
+def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path, fresh: bool, live: bool) -> Trainer:
     """Resume this run's newest fitting checkpoint, or start fresh; prepare; return the trainer."""
     model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
     expected = Expected(
@@ -391,6 +389,7 @@ def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path
         scheduler=scheduler.state_dict(),
         epochs=cfg.epochs,
         steps_per_epoch=parts.steps,
+        fingerprint=parts.key.fingerprint(),
     )
     run_dir, ckpt, notes = resume_or_start(accelerator, root, parts.key, expected, fresh, cfg.keep_runs)
     for note in notes:
@@ -405,7 +404,7 @@ def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path
         say(accelerator, f"resuming from {ckpt.path} (epoch {state.epoch + 1}, step {state.step} of {parts.steps})")
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, eval_loader(parts.val, cfg.eval_batch_size))
     train = parts.train.to(accelerator.device)  # the whole uint8 set lives on the device; batches are index slices
-    return Trainer(accelerator, model, optimizer, scheduler, train, val_loader, cfg, state, best, run_dir)
+    return Trainer(accelerator, model, optimizer, scheduler, train, val_loader, cfg, state, best, run_dir, live)
 
 
 def start_logging(accelerator: Accelerator, params: Params, live_dir: Path, trainer: Trainer, parts: Parts) -> None:
@@ -473,8 +472,7 @@ def train_and_export(
     """Build, restore (or start), fit, export; then the summary."""
     cfg = params.train
     parts = build(accelerator, params, paths.data)
-    trainer = restore(accelerator, parts, cfg, paths.checkpoint_dir, fresh)
-    trainer.live = live
+    trainer = restore(accelerator, parts, cfg, paths.checkpoint_dir, fresh, live)
     start_logging(accelerator, params, paths.live_dir, trainer, parts)
     start = time.perf_counter()
     for epoch in range(trainer.state.epoch, cfg.epochs):

@@ -33,7 +33,7 @@ def parts(seed: int = 0, width: int = 2):
 def expected(width: int = 2) -> Expected:
     model, opt, sched = parts(width=width)
     return Expected(model.state_dict(), [p.shape for p in model.parameters()], opt.state_dict(), sched.state_dict(),
-                    EPOCHS, STEPS)  # fmt: skip
+                    EPOCHS, STEPS, "abc")  # fmt: skip
 
 
 def state(step: int, fp: str = "abc") -> TrainState:
@@ -157,9 +157,20 @@ def _schedule_position(path):
         (_position(global_step=3), "its position (epoch 0, step 8, global step 3) is out of range"),
         (_position(sums=[1.0, float("nan"), 2.0]), "its history or running sums do not match"),
         (_rng, "its RNG state is not a torch CPU generator state"),
+        (_position(fingerprint="0123abcd"), "it was made by another run (0123abcd)"),
         (_schedule_position, "its schedule state is of another schedule or position"),
     ],
-    ids=["tensor-shape", "optimizer-shape", "step-range", "epoch-range", "global-step", "sums", "rng", "schedule"],
+    ids=[
+        "tensor-shape",
+        "optimizer-shape",
+        "step-range",
+        "epoch-range",
+        "global-step",
+        "sums",
+        "rng",
+        "other-run",
+        "schedule",
+    ],
 )
 def test_a_readable_checkpoint_that_does_not_fit_falls_back_to_the_previous_one(tmp_path, damage, reason):
     save(tmp_path, 4)
