@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from pipeline.data import FILES
+from pipeline.dataset import FILES
 from pipeline.errors import DownloadError, cli
 from pipeline.params import load_params
 

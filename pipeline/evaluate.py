@@ -23,7 +23,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
-from pipeline.data import CLASSES, load_split  # noqa: E402
+from pipeline.dataset import CLASSES, load_split  # noqa: E402
 from pipeline.errors import cli  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
 from pipeline.model import artifact_info, load_artifact  # noqa: E402

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.data import CLASSES
+from pipeline.dataset import CLASSES
 from pipeline.errors import ModelArtifactError
 
 ARTIFACT_FORMAT = 1

@@ -21,7 +21,7 @@ from typing import Any
 import accelerate
 import torch
 
-from pipeline.data import SPLIT_FILES
+from pipeline.dataset import SPLIT_FILES
 from pipeline.params import Params, training_params
 
 PACKAGE = Path(__file__).resolve().parent  # pipeline/

@@ -11,7 +11,8 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.data import Split, to_input
+from pipeline.batches import to_input
+from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 
 

@@ -34,17 +34,9 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from pipeline.batches import augment, local_batch, rank_batches, steps_per_epoch, to_input  # noqa: E402
 from pipeline.checkpoint import Checkpoint, Expected, TrainState, open_run, remove_run, save_checkpoint  # noqa: E402
-from pipeline.data import (  # noqa: E402
-    CLASSES,
-    Split,
-    augment,
-    load_split,
-    rank_batches,
-    steps_per_epoch,
-    to_input,
-    train_val_split,
-)
+from pipeline.dataset import CLASSES, Split, load_split, train_val_split  # noqa: E402
 from pipeline.errors import DataError, PipelineError, cli  # noqa: E402
 from pipeline.guard import Stopper, hold_checkpoint_dir, starters  # noqa: E402
 from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
@@ -112,8 +104,7 @@ def accelerator_options(cfg: TrainParams) -> dict:
 def check_sizes(params: Params, train: Split, world: int) -> None:
     """Stop before training when the batch cannot be split or is larger than the data."""
     b = params.train.batch_size
-    if b % world:
-        raise DataError(f"train.batch_size ({b}) must be divisible by the number of processes ({world})")
+    local_batch(b, world)
     if steps_per_epoch(len(train), b) == 0:
         raise DataError(
             f"train.batch_size ({b}) is larger than the {len(train)} training samples left after validation; "

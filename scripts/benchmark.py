@@ -294,7 +294,8 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict:
     import torch
 
     from pipeline.checkpoint import read_checkpoint
-    from pipeline.data import load_split, to_input
+    from pipeline.dataset import load_split
+    from pipeline.batches import to_input
     from pipeline.model import ModelConfig, build_model
 
     params = recipe_params(recipe)
@@ -332,7 +333,7 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict:
 
 def len_train(params: dict, data: Path) -> int:
     """Training samples the stage uses: the (subset of the) train split less validation."""
-    from pipeline.data import load_split
+    from pipeline.dataset import load_split
 
     return len(load_split(data, "train", params["data"]["subset"])) - params["data"]["val_size"]
 
@@ -341,7 +342,8 @@ def profile_data_path(data: Path, recipe: str, steps: int = 50) -> dict:
     """Milliseconds per global batch of the device data path alone (what the train loop does before forward)."""
     import torch
 
-    from pipeline.data import augment, load_split, rank_batches, to_input
+    from pipeline.dataset import load_split
+    from pipeline.batches import augment, rank_batches, to_input
 
     cfg = recipe_params(recipe)["train"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

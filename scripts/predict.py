@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.data import CLASSES, load_split, to_input  # noqa: E402
+from pipeline.dataset import CLASSES, load_split  # noqa: E402
+from pipeline.batches import to_input  # noqa: E402
 from pipeline.errors import DataError, cli  # noqa: E402
 from pipeline.model import ModelConfig, load_artifact  # noqa: E402
 

@@ -32,7 +32,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.data import augment, load_split, rank_batches, to_input  # noqa: E402
+from pipeline.dataset import load_split  # noqa: E402
+from pipeline.batches import augment, rank_batches, to_input  # noqa: E402
 from pipeline.model import ModelConfig, build_model  # noqa: E402
 from scripts.benchmark import seed_datasets, seed_net  # noqa: E402  (the seed loop's data and CNN, defined once)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.data import SPLIT_FILES
+from pipeline.dataset import SPLIT_FILES
 from pipeline.params import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]

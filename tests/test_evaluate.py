@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pipeline.data import CLASSES, load_split
+from pipeline.dataset import CLASSES, load_split
 from pipeline.evaluate import main
 from pipeline.model import ModelConfig, build_model, load_artifact, save_artifact
 from pipeline.runtime import eval_loader, make_accelerator, predict

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.data import CLASSES
+from pipeline.dataset import CLASSES
 from pipeline.metrics import classification_report, confusion_matrix
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import CLASSES
+from pipeline.dataset import CLASSES
 from tests.conftest import project_repo, set_params, sh
 
 REPO = Path(__file__).resolve().parents[1]

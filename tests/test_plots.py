@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import CLASSES
+from pipeline.dataset import CLASSES
 from pipeline.plots import (
     first_of_each_class,
     label_grid,

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import CLASSES, load_split, to_input
+from pipeline.batches import to_input
+from pipeline.dataset import CLASSES, load_split
 from pipeline.model import CONFIG_FILE, ModelConfig, build_model, save_artifact
 from tests.conftest import REPO
 
