@@ -41,6 +41,18 @@ PREFIX = "step-"
 RUN_FILE = "run.json"
 
 
+@dataclass(frozen=True)
+class EpochSums:
+    """What an epoch's training loss and accuracy are made of, summed over its batches so far."""
+
+    loss: float = 0.0  # per-sample loss, summed
+    correct: float = 0.0  # samples predicted right
+    samples: float = 0.0
+
+    def finite(self) -> bool:
+        return all(math.isfinite(x) for x in dataclasses.astuple(self))
+
+
 @dataclass
 class TrainState:
     """Where training stands; everything except tensors, which sit beside it."""
@@ -49,7 +61,7 @@ class TrainState:
     epoch: int = 0  # epochs fully done
     step: int = 0  # steps done inside ``epoch``
     global_step: int = 0
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch: loss sum, correct, samples
+    sums: EpochSums = field(default_factory=EpochSums)  # this epoch's, up to this checkpoint
     best_val: float = -1.0
     best_epoch: int = -1
     history: list[dict[str, float]] = field(default_factory=list)  # one logged row per finished epoch
@@ -137,7 +149,8 @@ def save_checkpoint(
 
 def read_checkpoint(path: Path) -> Checkpoint:
     """Load one checkpoint; any damage raises an exception describing it."""
-    state = TrainState(**json.loads((path / "state.json").read_text()))
+    raw = json.loads((path / "state.json").read_text())
+    state = TrainState(**{**raw, "sums": EpochSums(**raw["sums"])})
     return Checkpoint(
         path=path,
         state=state,
@@ -172,31 +185,39 @@ def _optimizer_misfit(got: dict[str, Any], want: dict[str, Any], shapes: list[to
     return None
 
 
-def misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
-    """Why ``ckpt`` cannot resume the run ``expected`` describes, in a few words; None if it fits."""
-    st, steps = ckpt.state, expected.steps_per_epoch
+def _position_misfit(st: TrainState, expected: Expected) -> str | None:
+    steps = expected.steps_per_epoch
     if st.fingerprint != expected.fingerprint:
         return f"it was made by another run ({st.fingerprint})"
     if not (0 <= st.epoch < expected.epochs and 0 <= st.step < steps and st.global_step == st.epoch * steps + st.step):
         return f"its position (epoch {st.epoch}, step {st.step}, global step {st.global_step}) is out of range"
-    if len(st.history) != st.epoch or len(st.sums) != 3 or not all(math.isfinite(x) for x in st.sums):
+    if len(st.history) != st.epoch or not st.sums.finite():
         return "its history or running sums do not match its position"
     if not -1 <= st.best_epoch < max(st.epoch, 1):
         return f"its best epoch {st.best_epoch} is out of range"
-    for name, weights in (("model", ckpt.model), ("best weights", ckpt.best)):
-        reason = _weights_misfit(name, weights, expected.model)
-        if reason:
-            return reason
-    reason = _optimizer_misfit(ckpt.optimizer, expected.optimizer, expected.param_shapes)
-    if reason:
-        return reason
-    if set(ckpt.scheduler) != set(expected.scheduler) or ckpt.scheduler.get("last_epoch") != st.global_step:
+    return None
+
+
+def _schedule_misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
+    if set(ckpt.scheduler) != set(expected.scheduler) or ckpt.scheduler.get("last_epoch") != ckpt.state.global_step:
         return "its schedule state is of another schedule or position"
     if ckpt.scheduler.get("total_steps") != expected.scheduler.get("total_steps"):
         return "its schedule has another length"
     if ckpt.rng.dtype != torch.uint8 or ckpt.rng.shape != torch.get_rng_state().shape:
         return "its RNG state is not a torch CPU generator state"
     return None
+
+
+def misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
+    """Why ``ckpt`` cannot resume the run ``expected`` describes, in a few words; None if it fits."""
+    checks: list[Callable[[], str | None]] = [
+        lambda: _position_misfit(ckpt.state, expected),
+        lambda: _weights_misfit("model", ckpt.model, expected.model),
+        lambda: _weights_misfit("best weights", ckpt.best, expected.model),
+        lambda: _optimizer_misfit(ckpt.optimizer, expected.optimizer, expected.param_shapes),
+        lambda: _schedule_misfit(ckpt, expected),
+    ]
+    return next((reason for check in checks if (reason := check()) is not None), None)
 
 
 def latest_checkpoint(run: Path, fits: Callable[[Checkpoint], str | None]) -> tuple[Checkpoint | None, list[str]]:
@@ -210,7 +231,7 @@ def latest_checkpoint(run: Path, fits: Callable[[Checkpoint], str | None]) -> tu
         try:
             ckpt = read_checkpoint(path)
             reason = fits(ckpt)
-        except Exception as e:  # noqa: BLE001 - any damage means: report, try the previous one
+        except Exception as e:
             reason = f"it is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
         if reason is None:
             return ckpt, notes

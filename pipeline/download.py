@@ -48,7 +48,7 @@ def open_source(source: str, name: str, timeout: float) -> Iterator[tuple[Binary
         url = source.rstrip("/") + f"/{name}.gz"
         req = urllib.request.Request(url, headers={"User-Agent": "fashion-mnist-pipeline"})
         try:
-            resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked above
+            resp = urllib.request.urlopen(req, timeout=timeout)
         except urllib.error.HTTPError as e:
             raise SourceError(f"HTTP {e.code} {e.reason}") from None
         except urllib.error.URLError as e:
@@ -82,6 +82,36 @@ def _reason(err: object) -> str:
     return str(err) or type(err).__name__
 
 
+def _chunks(stream: BinaryIO, progress: tqdm | None) -> Iterator[bytes]:
+    """``stream``'s bytes, a chunk at a time; a read that fails or stalls is the source's fault."""
+    while True:
+        try:
+            chunk = stream.read(CHUNK)
+        except TimeoutError:
+            raise SourceError("timed out while reading") from None
+        except OSError as e:
+            raise SourceError(f"read failed: {_reason(e)}") from None
+        if not chunk:
+            return
+        if progress is not None:
+            progress.update(len(chunk))
+        yield chunk
+
+
+def _gunzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The decompressed bytes of one whole gzip stream; corrupt, truncated or trailing data is an error."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    for chunk in chunks:
+        try:
+            yield inflate.decompress(chunk)
+        except zlib.error as e:
+            raise SourceError(f"corrupt gzip ({e})") from None
+        if inflate.eof and inflate.unused_data:
+            raise SourceError("corrupt gzip (data after the end of the stream)")
+    if not inflate.eof:
+        raise SourceError("truncated gzip (stream ended early)")
+
+
 def copy_verified(
     stream: BinaryIO, gzipped: bool, dest: BinaryIO, sha256: str, size: int, progress: tqdm | None = None
 ) -> None:
@@ -91,39 +121,13 @@ def copy_verified(
         SourceError: corrupt or truncated gzip, wrong size, or checksum mismatch.
     """
     digest, written = hashlib.sha256(), 0
-    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
-
-    def put(block: bytes) -> None:
-        nonlocal written
+    chunks = _chunks(stream, progress)
+    for block in _gunzip(chunks) if gzipped else chunks:
         written += len(block)
         if written > size:
             raise SourceError(f"size mismatch: more than the expected {size} bytes")
         digest.update(block)
         dest.write(block)
-
-    while True:
-        try:
-            chunk = stream.read(CHUNK)
-        except TimeoutError:
-            raise SourceError("timed out while reading") from None
-        except OSError as e:
-            raise SourceError(f"read failed: {_reason(e)}") from None
-        if not chunk:
-            break
-        if progress is not None:
-            progress.update(len(chunk))
-        if inflate is None:
-            put(chunk)
-            continue
-        try:
-            put(inflate.decompress(chunk))
-        except zlib.error as e:
-            raise SourceError(f"corrupt gzip ({e})") from None
-        if inflate.eof and inflate.unused_data:
-            raise SourceError("corrupt gzip (data after the end of the stream)")
-    if inflate is not None:
-        if not inflate.eof:
-            raise SourceError("truncated gzip (stream ended early)")
     if written != size:
         raise SourceError(f"size mismatch: {written} bytes, expected {size}")
     if digest.hexdigest() != sha256:

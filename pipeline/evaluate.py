@@ -1,6 +1,6 @@
 """Evaluate stage: ``python -m pipeline.evaluate [--model-dir models] [--data data/raw] [--out metrics/test.json]``.
 
-Also runs under ``accelerate launch``: every test sample is counted exactly once.
+Also runs under ``accelerate launch -m pipeline.evaluate``: every test sample is counted exactly once.
 Reads only ``data.subset`` and ``evaluate`` from params.yaml; the model comes
 from its artifact alone. Writes overall and per-class test accuracy and loss
 (a DVC metrics file) and, in ``--eval-dir``, what `dvc plots` shows: the confusion
@@ -10,26 +10,22 @@ misclassified test images.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:  # `python pipeline/evaluate.py`: import the package, not siblings
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-from pipeline.dataset import CLASSES, load_split  # noqa: E402
-from pipeline.errors import cli  # noqa: E402
-from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
-from pipeline.model import artifact_info, load_artifact  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
-from pipeline.plots import label_grid, misclassified, write_per_class_csv, write_predictions_csv  # noqa: E402
-from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
+from pipeline.dataset import CLASSES, load_split
+from pipeline.errors import cli
+from pipeline.metrics import classification_report, confusion_matrix
+from pipeline.model import artifact_info, load_artifact
+from pipeline.params import load_params
+from pipeline.plots import label_grid, misclassified, write_per_class_csv, write_predictions_csv
+from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from pipeline.dataset import CLASSES
 from pipeline.errors import ModelArtifactError
+from pipeline.params import ModelName
 
 ARTIFACT_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -113,6 +115,7 @@ def flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
 
 
 MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"tutorial_cnn": TutorialCNN, "bn_cnn": BnCNN}
+assert tuple(MODELS) == typing.get_args(ModelName), "model.name's choices (params.ModelName) are the models built here"
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

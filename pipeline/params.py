@@ -16,73 +16,101 @@ import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from pipeline.errors import ParamsError
 
-MODEL_NAMES = ("tutorial_cnn", "bn_cnn")
-SCHEDULES = ("onecycle", "constant")
-MIXED_PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.mixed_precision -> Accelerate's name
-OPTIMIZER_IMPLS = ("auto", "for_loop", "foreach", "fused")
-FINAL_MODELS = ("last", "best")
+ModelName = Literal["tutorial_cnn", "bn_cnn"]  # the models pipeline/model.py builds (its MODELS registry)
+Precision = Literal["fp32", "bf16", "fp16"]
+MIXED_PRECISIONS: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # -> Accelerate's name
+assert tuple(MIXED_PRECISIONS) == typing.get_args(Precision)
 DEFAULT_SOURCES = (
     "/usr/share/datasets/fashion-mnist",
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 )
 
 
-# Field metadata of a knob that changes speed or disk use but never the trained weights: it is left
-# out of the run key (pipeline/provenance.py), so changing it does not discard resume state.
-BOOKKEEPING = {"shapes_training": False}
+@dataclass(frozen=True)
+class Bounds:
+    """A knob's allowed range, and how an error words it (``says``; for one bound, by default ``>= 1``, ``> 0``)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    says: str = ""
+
+    def hold(self, v: float) -> bool:
+        return not (
+            (self.ge is not None and v < self.ge)
+            or (self.gt is not None and v <= self.gt)
+            or (self.le is not None and v > self.le)
+            or (self.lt is not None and v >= self.lt)
+        )
+
+    def words(self) -> str:
+        if self.says:
+            return self.says
+        ((op, limit),) = [
+            (op, v) for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)) if v is not None
+        ]  # fmt: skip  (one bound; a knob with two words them in `says`)
+        return f"{op} {limit:g}"
+
+
+def knob(default: Any, *, shapes_training: bool = True, **bounds: Any) -> Any:
+    """A params field: its default, its bounds (``ge``/``gt``/``le``/``lt``, ``says``), and whether it shapes
+    the trained weights. A knob that changes only speed or disk use (``shapes_training=False``) is left out of
+    the run key (pipeline/provenance.py), so changing it does not discard resume state."""
+    return field(default=default, metadata={"bounds": Bounds(**bounds), "shapes_training": shapes_training})
 
 
 @dataclass(frozen=True)
 class DataParams:
-    subset: int = 0  # 0 = all; N = first N samples of each split (smoke runs)
-    val_size: int = 6000  # samples carved from the training set for validation
+    subset: int = knob(0, ge=0, says="0 (all) or a positive count")  # 0 = all; N = first N of each split
+    val_size: int = knob(6000, ge=1)  # samples carved from the training set for validation
     split_seed: int = 0  # seeds which training samples go to validation
 
 
 @dataclass(frozen=True)
 class DownloadParams:
     sources: tuple[str, ...] = DEFAULT_SOURCES  # tried in order, per file
-    timeout: float = 30.0  # seconds without network progress before a source fails
+    timeout: float = knob(30.0, gt=0, says="> 0 seconds")  # seconds without network progress before a source fails
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = "tutorial_cnn"
+    name: ModelName = "tutorial_cnn"
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 10
-    batch_size: int = 128  # global batch, split evenly across processes
-    lr: float = 2e-3  # peak learning rate
-    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
-    schedule: str = "onecycle"
+    epochs: int = knob(10, ge=1)
+    batch_size: int = knob(128, ge=1)  # global batch, split evenly across processes
+    lr: float = knob(2e-3, gt=0)  # peak learning rate
+    weight_decay: float = knob(0.0, ge=0)  # decoupled (AdamW) weight decay
+    schedule: Literal["onecycle", "constant"] = "onecycle"
     hflip: bool = True  # random horizontal flip of training images
-    translate: int = 0  # random shift of each training image by up to N pixels in x and y (0 = off)
-    cutout: int = 0  # zero a random N x N square of each training image (0 = off)
-    label_smoothing: float = 0.0  # cross-entropy label smoothing, in [0, 1)
-    mixed_precision: str = "fp32"  # fp32 | bf16 | fp16; the launcher may not contradict it
+    translate: int = knob(0, ge=0, le=8, says="0 (off) to 8 pixels")  # random shift by up to N pixels in x and y
+    cutout: int = knob(0, ge=0, le=28, says="0 (off) to 28 pixels")  # zero a random N x N square of each image
+    label_smoothing: float = knob(0.0, ge=0, lt=1, says="in [0, 1)")  # cross-entropy label smoothing
+    mixed_precision: Precision = "fp32"  # the launcher may not contradict it
     compile: bool = False  # torch.compile the model (inductor)
-    optimizer_impl: str = "auto"  # AdamW kernels: auto (torch's pick) | for_loop | foreach | fused
+    optimizer_impl: Literal["auto", "for_loop", "foreach", "fused"] = "auto"  # AdamW kernels; auto: torch's pick
     cudnn_benchmark: bool = False  # let cuDNN time and pick conv algorithms (GPU only; not bitwise reproducible)
     channels_last: bool = True  # NHWC memory layout for the convolutions (speed only; rounding differs)
     seed: int = 42  # weights init, data order and augmentation
-    eval_batch_size: int = field(default=1000, metadata=BOOKKEEPING)  # validation batch per process
-    checkpoint_every_steps: int = field(default=0, metadata=BOOKKEEPING)  # also every N steps; 0 = epoch ends only
-    keep_checkpoints: int = field(default=2, metadata=BOOKKEEPING)  # newest checkpoints kept per run
-    keep_runs: int = field(default=3, metadata=BOOKKEEPING)  # interrupted runs whose resume state is kept
-    final_model: str = "last"  # which weights become models/: last | best (by validation accuracy)
+    eval_batch_size: int = knob(1000, ge=1, shapes_training=False)  # validation batch per process
+    checkpoint_every_steps: int = knob(0, ge=0, says=">= 0 (0 = epoch ends only)", shapes_training=False)
+    keep_checkpoints: int = knob(2, ge=1, shapes_training=False)  # newest checkpoints kept per run
+    keep_runs: int = knob(3, ge=1, shapes_training=False)  # interrupted runs whose resume state is kept
+    final_model: Literal["last", "best"] = "last"  # which weights become models/ (best: by validation accuracy)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 1000  # per process; no effect on results
+    batch_size: int = knob(1000, ge=1)  # per process; no effect on results
 
 
 @dataclass(frozen=True)
@@ -112,31 +140,47 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
+def _as_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ParamsError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _as_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamsError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _as_float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamsError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _as_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ParamsError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+_SCALARS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
+
+
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Return ``value`` coerced to ``annotation`` or raise a ParamsError naming ``key``."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ParamsError(f"{key} {value!r} is unknown; allowed: {', '.join(choices)}")
+        return value
     if origin is tuple:
         (item_type, _) = typing.get_args(annotation)
         if not isinstance(value, list) or not value:
             raise ParamsError(f"{key} must be a non-empty list, got {value!r}")
         return tuple(_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{key} must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{key} must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"{key} must be a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported annotation {annotation!r} for {key}")  # pragma: no cover
+    return _SCALARS[annotation](key, value)
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -166,55 +210,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
-def _check_ranges(p: Params) -> None:
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ParamsError(msg)
-
-    need(p.data.subset >= 0, f"data.subset must be 0 (all) or a positive count, got {p.data.subset}")
-    need(p.data.val_size >= 1, f"data.val_size must be >= 1, got {p.data.val_size}")
-    need(p.download.timeout > 0, f"download.timeout must be > 0 seconds, got {p.download.timeout}")
-    need(
-        p.model.name in MODEL_NAMES,
-        f"model.name {p.model.name!r} is unknown; allowed: {', '.join(MODEL_NAMES)}",
-    )
-    need(p.train.epochs >= 1, f"train.epochs must be >= 1, got {p.train.epochs}")
-    need(p.train.batch_size >= 1, f"train.batch_size must be >= 1, got {p.train.batch_size}")
-    need(p.train.lr > 0, f"train.lr must be > 0, got {p.train.lr}")
-    need(p.train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {p.train.weight_decay}")
-    need(
-        p.train.schedule in SCHEDULES,
-        f"train.schedule {p.train.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}",
-    )
-    need(
-        0 <= p.train.translate <= 8,
-        f"train.translate must be 0 (off) to 8 pixels, got {p.train.translate}",
-    )
-    need(0 <= p.train.cutout <= 28, f"train.cutout must be 0 (off) to 28 pixels, got {p.train.cutout}")
-    need(
-        0 <= p.train.label_smoothing < 1,
-        f"train.label_smoothing must be in [0, 1), got {p.train.label_smoothing}",
-    )
-    need(
-        p.train.mixed_precision in MIXED_PRECISIONS,
-        f"train.mixed_precision {p.train.mixed_precision!r} is unknown; allowed: {', '.join(MIXED_PRECISIONS)}",
-    )
-    need(
-        p.train.optimizer_impl in OPTIMIZER_IMPLS,
-        f"train.optimizer_impl {p.train.optimizer_impl!r} is unknown; allowed: {', '.join(OPTIMIZER_IMPLS)}",
-    )
-    need(p.train.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {p.train.eval_batch_size}")
-    need(
-        p.train.checkpoint_every_steps >= 0,
-        f"train.checkpoint_every_steps must be >= 0 (0 = epoch ends only), got {p.train.checkpoint_every_steps}",
-    )
-    need(p.train.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {p.train.keep_checkpoints}")
-    need(p.train.keep_runs >= 1, f"train.keep_runs must be >= 1, got {p.train.keep_runs}")
-    need(
-        p.train.final_model in FINAL_MODELS,
-        f"train.final_model {p.train.final_model!r} is unknown; allowed: {', '.join(FINAL_MODELS)}",
-    )
-    need(p.evaluate.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {p.evaluate.batch_size}")
+def _check_ranges(values: Any, prefix: str) -> None:
+    """Check every field of ``values`` (a section, or all of :class:`Params`) against its bounds."""
+    for f in dataclasses.fields(values):
+        value, key = getattr(values, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key + ".")
+        elif "bounds" in f.metadata and not f.metadata["bounds"].hold(value):
+            raise ParamsError(f"{key} must be {f.metadata['bounds'].words()}, got {value}")
 
 
 def with_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -233,7 +236,7 @@ def with_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dic
 def parse_params(raw: Any) -> Params:
     """Validate an already-parsed params mapping and return typed :class:`Params`."""
     params: Params = _build(Params, raw, "")
-    _check_ranges(params)
+    _check_ranges(params, "")
     return params
 
 
@@ -274,7 +277,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ParamsError(f"params file {path} not found; run from the project root or pass --params") from None
     try:
-        raw = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     params = parse_params(raw)
@@ -295,7 +298,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def training_params(params: Params) -> dict[str, Any]:
     """The params that shape the trained weights, flat (``"train.lr": 0.002``).
 
-    The data, model and train sections, less the bookkeeping knobs (metadata ``BOOKKEEPING``).
+    The data, model and train sections, less the knobs declared with ``shapes_training=False``.
     """
     out: dict[str, Any] = {}
     for section in ("data", "model", "train"):
@@ -333,4 +336,5 @@ __all__ = [
     "missing_keys",
     "parse_params",
     "training_params",
+    "with_overrides",
 ]

@@ -50,7 +50,7 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
     if world > 1 and not os.environ.get("MASTER_ADDR"):
         raise PipelineError(
             f"WORLD_SIZE={world} is set but no launcher set up the process group (MASTER_ADDR is missing); "
-            "start N processes with `accelerate launch --multi_gpu --num_processes N pipeline/train.py`, "
+            "start N processes with `accelerate launch --multi_gpu --num_processes N -m pipeline.train`, "
             "or unset WORLD_SIZE for one process"
         )
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)

@@ -1,50 +1,54 @@
-"""Train stage: ``accelerate launch pipeline/train.py [--params params.yaml] [--data data/raw] [--model-dir models]``.
+"""Train stage: ``accelerate launch -m pipeline.train [--params params.yaml] [--data data/raw] [--model-dir models]``.
 
-``python pipeline/train.py`` and ``python -m pipeline.train`` work too. Reads the
+``python -m pipeline.train`` runs one process without a launcher; ``torchrun -m pipeline.train`` works too. Reads the
 ``data``, ``model`` and ``train`` sections of params.yaml; writes the model artifact
 (safetensors + JSON) and per-epoch DVCLive metrics.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
+import shutil
 import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:  # `python pipeline/train.py`: import the package, not siblings
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
-from contextlib import ExitStack  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import (  # noqa: E402
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
     TorchDynamoPlugin,
     broadcast_object_list,
     is_dvclive_available,
     set_seed,
 )
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from pipeline.batches import augment, local_batch, rank_batches, steps_per_epoch, to_input  # noqa: E402
-from pipeline.checkpoint import Checkpoint, Expected, TrainState, open_run, remove_run, save_checkpoint  # noqa: E402
-from pipeline.dataset import CLASSES, Split, load_split, train_val_split  # noqa: E402
-from pipeline.errors import DataError, PipelineError, cli  # noqa: E402
-from pipeline.guard import Stopper, hold_checkpoint_dir, starters  # noqa: E402
-from pipeline.metrics import classification_report, confusion_matrix  # noqa: E402
-from pipeline.model import ModelConfig, build_model, save_artifact  # noqa: E402
-from pipeline.params import MIXED_PRECISIONS, Params, TrainParams, as_dict, load_params  # noqa: E402
-from pipeline.plots import first_of_each_class, label_grid  # noqa: E402
-from pipeline.provenance import RunKey, environment, run_key  # noqa: E402
-from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table  # noqa: E402
+from pipeline.batches import augment, local_batch, rank_batches, steps_per_epoch, to_input
+from pipeline.checkpoint import (
+    Checkpoint,
+    EpochSums,
+    Expected,
+    TrainState,
+    open_run,
+    remove_run,
+    save_checkpoint,
+)
+from pipeline.dataset import CLASSES, Split, load_split, train_val_split
+from pipeline.errors import DataError, PipelineError, cli
+from pipeline.guard import Stopper, hold_checkpoint_dir, starters
+from pipeline.metrics import classification_report, confusion_matrix
+from pipeline.model import ModelConfig, build_model, save_artifact
+from pipeline.params import MIXED_PRECISIONS, Params, TrainParams, as_dict, load_params
+from pipeline.plots import first_of_each_class, label_grid
+from pipeline.provenance import RunKey, environment, run_key
+from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,6 +116,9 @@ def check_sizes(params: Params, train: Split, world: int) -> None:
         )
 
 
+LOSS, CORRECT, SAMPLES = range(len(fields(EpochSums)))  # EpochSums' fields, as positions in Trainer.sums
+
+
 class Trainer:
     """The training loop around one prepared model, with its checkpointable state."""
 
@@ -135,12 +142,12 @@ class Trainer:
         self.live = live  # whether DVCLive records the rows (else they are only printed)
         self.steps = steps_per_epoch(len(train), cfg.batch_size)
         self.device = accelerator.device
-        # loss sum, correct, samples of the current epoch; the main process carries the folded
-        # totals of all processes up to the last checkpoint, the others their own since then
-        own = state.sums if accelerator.is_main_process else [0.0, 0.0, 0.0]
-        self.sums = torch.tensor(own, dtype=torch.float64, device=self.device)
+        # the epoch's EpochSums on the device, in its field order (LOSS, CORRECT, SAMPLES); the main process
+        # carries the folded totals of all processes up to the last checkpoint, the others their own since then
+        own = state.sums if accelerator.is_main_process else EpochSums()
+        self.sums = torch.tensor(astuple(own), dtype=torch.float64, device=self.device)
 
-    def fold_sums(self) -> list[float]:
+    def fold_sums(self) -> EpochSums:
         """Sum the epoch statistics over processes; keep the total on the main process only.
 
         Done at every checkpoint, in the uninterrupted run as in a resumed one, so both add
@@ -148,74 +155,85 @@ class Trainer:
         """
         total = self.accelerator.reduce(self.sums.clone(), reduction="sum")
         self.sums.copy_(total if self.accelerator.is_main_process else torch.zeros_like(total))
-        return [float(x) for x in total.tolist()]
+        return EpochSums(*(float(x) for x in total.tolist()))
 
-    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
-        """Finish ``epoch`` from ``state.step``; returns (mean loss, accuracy, samples) over all processes."""
-        self.model.train()
-        acc, cfg = self.accelerator, self.cfg
-        batches = rank_batches(
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """This process's (indices, flip, shift, cutout centre) for the rest of ``epoch``, on the device."""
+        accelerator, cfg = self.accelerator, self.cfg
+        return rank_batches(
             len(self.train),
             cfg.batch_size,
             cfg.seed,
             epoch,
-            acc.process_index,
-            acc.num_processes,
+            accelerator.process_index,
+            accelerator.num_processes,
             self.state.step,
             max_shift=cfg.translate,
             cutout=cfg.cutout,
             device=self.device,
         )
-        steps = self.steps
-        bar = tqdm(  # a terminal gets a live bar; logs (CI, dvc repro > file) get the one line per epoch
-            total=steps * cfg.batch_size,
+
+    def progress_bar(self, epoch: int) -> tqdm:
+        """A live bar on a terminal; logs (CI, ``dvc repro > file``) get only the one line per epoch."""
+        cfg = self.cfg
+        return tqdm(
+            total=self.steps * cfg.batch_size,
             initial=self.state.step * cfg.batch_size,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="sample",
             unit_scale=True,
             leave=False,
-            disable=not (acc.is_main_process and sys.stderr.isatty()),
+            disable=not (self.accelerator.is_main_process and sys.stderr.isatty()),
         )
-        for idx, flip, shift, centers in batches:  # already on the device
-            images, labels = self.train.images[idx], self.train.labels[idx]
-            images = augment(images, flip, shift, centers, cfg.hflip, cfg.translate, cfg.cutout)
-            inputs = to_input(images)
-            if cfg.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            logits = self.model(inputs)
-            loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            acc.backward(loss)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                self.sums[0] += loss.double() * len(idx)
-                self.sums[1] += (logits.argmax(1) == labels).sum()
-                self.sums[2] += len(idx)
-            self.state.step += 1
-            self.state.global_step += 1
-            if not bar.disable:
-                bar.update(cfg.batch_size)
-                if self.state.step % 20 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            every = cfg.checkpoint_every_steps
-            if every and self.state.global_step % every == 0 and self.state.step < steps:
-                self.save()
-        bar.close()
-        loss_sum, correct, samples = self.fold_sums()
+
+    def step(self, idx: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on this process's shard of a global batch; adds to the epoch's sums."""
+        cfg = self.cfg
+        images, labels = self.train.images[idx], self.train.labels[idx]
+        inputs = to_input(augment(images, flip, shift, centers, cfg.hflip, cfg.translate, cfg.cutout))
+        if cfg.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        logits = self.model(inputs)
+        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.sums[LOSS] += loss.double() * len(idx)
+            self.sums[CORRECT] += (logits.argmax(1) == labels).sum()
+            self.sums[SAMPLES] += len(idx)
+        self.state.step += 1
+        self.state.global_step += 1
+        return loss
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """Finish ``epoch`` from ``state.step``; returns (mean loss, accuracy) over all processes."""
+        self.model.train()
+        every = self.cfg.checkpoint_every_steps
+        with self.progress_bar(epoch) as bar:
+            for batch in self.batches(epoch):
+                loss = self.step(*batch)
+                if not bar.disable:
+                    bar.update(self.cfg.batch_size)
+                    if self.state.step % 20 == 0:
+                        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                if every and self.state.global_step % every == 0 and self.state.step < self.steps:
+                    self.save()
+        sums = self.fold_sums()
         self.sums.zero_()
-        return loss_sum / samples, correct / samples, int(samples)
+        return sums.loss / sums.samples, sums.correct / sums.samples
 
     def run_epoch(self, epoch: int) -> None:
         """One whole epoch: train (from ``state.step``), validate, log its row, checkpoint."""
-        acc, cfg = self.accelerator, self.cfg
+        accelerator, cfg = self.accelerator, self.cfg
         t0 = time.perf_counter()
         first_step = self.state.step
-        loss, accuracy, _ = self.train_epoch(epoch)
+        loss, accuracy = self.train_epoch(epoch)
         train_time = time.perf_counter() - t0
         if not math.isfinite(loss):
             raise DataError(f"training diverged at epoch {epoch + 1} (loss {loss}); lower train.lr")
-        preds, labels, losses = predict(acc, self.model, self.val_loader)
+        preds, labels, losses = predict(accelerator, self.model, self.val_loader)
         report = classification_report(confusion_matrix(preds, labels, len(CLASSES)), CLASSES)
         val_loss = float(losses.double().mean())
         local = (self.steps - first_step) * cfg.batch_size  # samples this run trained in this epoch
@@ -228,11 +246,11 @@ class Trainer:
             "epoch_time_s": round(time.perf_counter() - t0, 3),
             "samples_per_s": round(local / train_time, 1),
         }
-        if acc.device.type == "cuda":
+        if accelerator.device.type == "cuda":
             row["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        acc.log(row, step=epoch + 1)  # DVCLive's step is the epoch, counted from 1
+        accelerator.log(row, step=epoch + 1)  # DVCLive's step is the epoch, counted from 1
         say(
-            acc,
+            accelerator,
             f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss:.4f} acc {accuracy:.4f}  "
             f"val loss {val_loss:.4f} acc {report['accuracy']:.4f}  {row['samples_per_s']:.0f} samples/s",
         )
@@ -254,10 +272,7 @@ class Trainer:
 
     def save(self, fold: bool = True) -> None:
         """Checkpoint on the main process; every process takes part and waits for it."""
-        if fold:
-            self.state.sums = self.fold_sums()
-        else:
-            self.state.sums = [0.0, 0.0, 0.0]
+        self.state.sums = self.fold_sums() if fold else EpochSums()
         if self.accelerator.is_main_process:
             assert self.best is not None or self.state.best_epoch < 0
             save_checkpoint(
@@ -304,6 +319,22 @@ class Paths:
     model_dir: Path
     live_dir: Path
     checkpoint_dir: Path
+
+    @classmethod
+    def under(cls, out: Path, data: Path) -> Paths:
+        """All of a run's outputs in one folder: ``out/models``, ``out/live``, ``out/checkpoints``."""
+        return cls(Path(data), out / "models", out / "live", out / "checkpoints")
+
+
+def command(params: Path, paths: Paths, launcher: Sequence[str] = (), *extra: str) -> list[str]:
+    """This stage's command line, as dvc.yaml runs it: ``launcher -m pipeline.train`` (no launcher: this Python).
+
+    ``launcher`` is e.g. ``["accelerate", "launch", "--num_processes", "2"]`` or ``["torchrun", ...]``;
+    ``extra`` are more of this stage's flags (``--keep-state``, ``--cpu-threads 1``).
+    """
+    return [*(launcher or [sys.executable]), "-m", "pipeline.train", "--params", str(params),
+            "--data", str(paths.data), "--model-dir", str(paths.model_dir), "--live-dir", str(paths.live_dir),
+            "--checkpoint-dir", str(paths.checkpoint_dir), *extra]  # fmt: skip
 
 
 @cli

@@ -1,4 +1,4 @@
-"""Speed and time-to-accuracy against the seed tutorial's loop, in one run: ``python scripts/benchmark.py [--quick]``.
+"""Speed and time-to-accuracy against the seed tutorial's loop, in one run: ``python -m scripts.benchmark [--quick]``.
 
 Two parts, each variant in its own process (so peak memory is its own), on the same machine:
 
@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
 
 # throughput rows on top of the default recipe: name -> train overrides
 OPTIONS: dict[str, dict] = {
@@ -134,7 +134,7 @@ def accuracy_on(model, images, labels) -> float:  # type: ignore[no-untyped-def]
 def seed_net():  # type: ignore[no-untyped-def]
     """The seed tutorial's CNN, as it wrote it, with the flatten fixed (its 32 * 5 * 5 crashed on 28x28 input)."""
     import torch
-    import torch.nn.functional as F  # noqa: N812 - the tutorial's spelling
+    import torch.nn.functional as F
     from torch import nn
 
     class Net(nn.Module):  # the seed tutorial's CNN; its 32 * 5 * 5 flatten crashed on 28x28 input
@@ -238,14 +238,14 @@ def recipe_params(recipe: str) -> dict:
 
 
 def train_stage(params: dict, data: Path, tmp: Path) -> Path:
-    """Run ``pipeline/train.py`` on ``params`` in a fresh process; returns its output folder."""
+    """Run the train stage on ``params`` in a fresh process, keeping its checkpoints; returns its output folder."""
     import yaml
+
+    from pipeline.train import Paths, command
 
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, str(ROOT / "pipeline" / "train.py"), "--params", str(path), "--data", str(data),
-           "--model-dir", str(tmp / "m"), "--live-dir", str(tmp / "live"),
-           "--checkpoint-dir", str(tmp / "c"), "--keep-state"]  # fmt: skip
+    cmd = command(path, Paths.under(tmp, data), [], "--keep-state")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}  # params decide, not the shell
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -257,7 +257,7 @@ def checkpoints(out: Path) -> list[Path]:
     """The checkpoints the stage kept (``--keep-state``) in its one run folder, oldest first."""
     from pipeline.checkpoint import list_checkpoints, list_runs
 
-    (run,) = list_runs(out / "c")
+    (run,) = list_runs(out / "checkpoints")
     return list_checkpoints(run)
 
 
@@ -293,9 +293,9 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict:
     """A whole recipe on the train stage; test accuracy of every epoch's checkpoint afterwards."""
     import torch
 
+    from pipeline.batches import to_input
     from pipeline.checkpoint import read_checkpoint
     from pipeline.dataset import load_split
-    from pipeline.batches import to_input
     from pipeline.model import ModelConfig, build_model
 
     params = recipe_params(recipe)
@@ -342,8 +342,8 @@ def profile_data_path(data: Path, recipe: str, steps: int = 50) -> dict:
     """Milliseconds per global batch of the device data path alone (what the train loop does before forward)."""
     import torch
 
-    from pipeline.dataset import load_split
     from pipeline.batches import augment, rank_batches, to_input
+    from pipeline.dataset import load_split
 
     cfg = recipe_params(recipe)["train"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

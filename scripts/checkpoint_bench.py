@@ -1,4 +1,4 @@
-"""Time a full checkpoint save and load of the default model: ``python scripts/checkpoint_bench.py``.
+"""Time a full checkpoint save and load of the default model: ``python -m scripts.checkpoint_bench``.
 
 Saves model, best weights, AdamW and one-cycle state and the train state the way
 training does (atomically, fsync'd), ``--repeat`` times, and prints the median.
@@ -15,10 +15,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.checkpoint import TrainState, read_checkpoint, save_checkpoint  # noqa: E402
-from pipeline.model import ModelConfig, build_model  # noqa: E402
+from pipeline.checkpoint import TrainState, read_checkpoint, save_checkpoint
+from pipeline.model import ModelConfig, build_model
 
 
 def main() -> int:

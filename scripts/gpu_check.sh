@@ -20,13 +20,13 @@ mkdir -p "$OUT"
 } 2>&1 | tee "$OUT/machine.txt"
 
 # 1a. throughput of every variant (one round: a lent GPU is not shared) and the data path's share of a step
-timeout "${THROUGHPUT_LIMIT:-150}" python scripts/benchmark.py --parts throughput datapath --repeats 1 ${BENCH_ARGS:-} \
+timeout "${THROUGHPUT_LIMIT:-150}" python -m scripts.benchmark --parts throughput datapath --repeats 1 ${BENCH_ARGS:-} \
   --out "$OUT/gpu-throughput.json" > "$OUT/throughput.md" 2> "$OUT/throughput.log"
 echo "throughput exit $?" | tee -a "$OUT/summary.txt"
 cat "$OUT/throughput.md"
 # 1b. time to accuracy: the seed loop's 10 epochs, then each recipe over seeds 0 1 2. Every finished job is
 # also a JSON line in accuracy.log, so a timeout still leaves what ran.
-timeout "${ACCURACY_LIMIT:-340}" python scripts/benchmark.py --parts accuracy --seeds 0 1 2 --targets 0.90 0.91 0.935 \
+timeout "${ACCURACY_LIMIT:-340}" python -m scripts.benchmark --parts accuracy --seeds 0 1 2 --targets 0.90 0.91 0.935 \
   ${BENCH_ARGS:-} --out "$OUT/gpu-accuracy.json" > "$OUT/accuracy.md" 2> "$OUT/accuracy.log"
 echo "accuracy exit $?" | tee -a "$OUT/summary.txt"
 cat "$OUT/accuracy.md"
@@ -41,11 +41,11 @@ yaml.safe_dump(params, open(sys.argv[2], "w"))
 PY
 start=$(date +%s.%N)
 timeout "${LAUNCH_LIMIT:-75}" accelerate launch --quiet --num_processes 1 --num_machines 1 \
-  --dynamo_backend no pipeline/train.py --params "$dir/params.yaml" --model-dir "$dir/models" --live-dir "$dir/live" \
+  --dynamo_backend no -m pipeline.train --params "$dir/params.yaml" --model-dir "$dir/models" --live-dir "$dir/live" \
   --checkpoint-dir "$dir/checkpoints" > "$dir/train.log" 2>&1
 echo "launch exit $?" | tee -a "$OUT/summary.txt"
 end=$(date +%s.%N)
-python pipeline/evaluate.py --params "$dir/params.yaml" --model-dir "$dir/models" --out "$dir/test.json" --eval-dir "$dir/eval" \
+python -m pipeline.evaluate --params "$dir/params.yaml" --model-dir "$dir/models" --out "$dir/test.json" --eval-dir "$dir/eval" \
   > "$dir/evaluate.log" 2>&1
 python - "$dir" "$start" "$end" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import json, sys

@@ -1,4 +1,4 @@
-"""Write the offline page template for `dvc plots`: ``python scripts/offline_plots_template.py``.
+"""Write the offline page template for `dvc plots`: ``python -m scripts.offline_plots_template``.
 
 DVC's default page loads Vega from a CDN, so without a network it shows nothing. This
 writes ``.dvc/plots/offline.html`` with Vega, Vega-Lite and Vega-Embed inlined (bundled by

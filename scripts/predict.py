@@ -1,12 +1,12 @@
-"""Classify images with a trained model: ``python scripts/predict.py [--model-dir models] IMAGE... | --idx N...``.
+"""Classify images with a trained model: ``python -m scripts.predict [--model-dir models] IMAGE... | --idx N...``.
 
 The smallest honest "use the model" path. It rebuilds the model from its artifact
 (safetensors + architecture JSON, no pickle) and prints the top-k classes with
 probabilities for each input:
 
-    python scripts/predict.py shirt.png boot.jpg        # image files, any size: grey, 28x28
-    python scripts/predict.py --idx 0 1 2               # test-set samples from data/raw
-    python scripts/predict.py --idx 0 --top-k 3
+    python -m scripts.predict shirt.png boot.jpg        # image files, any size: grey, 28x28
+    python -m scripts.predict --idx 0 1 2               # test-set samples from data/raw
+    python -m scripts.predict --idx 0 --top-k 3
 
 Images are read like Fashion-MNIST: light garment on a dark background. Pass
 ``--invert`` for photos of dark items on a light background.
@@ -20,14 +20,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from pipeline.batches import to_input
+from pipeline.dataset import CLASSES, load_split
+from pipeline.errors import DataError, cli
+from pipeline.model import ModelConfig, load_artifact
 
-from pipeline.dataset import CLASSES, load_split  # noqa: E402
-from pipeline.batches import to_input  # noqa: E402
-from pipeline.errors import DataError, cli  # noqa: E402
-from pipeline.model import ModelConfig, load_artifact  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Where a training step's time goes: ``python scripts/profile_step.py [--steps 60] [--out benchmarks/profile.json]``.
+"""Where a training step's time goes: ``python -m scripts.profile_step [--steps 60] [--out benchmarks/profile.json]``.
 
 Three measurements on the same machine, in one process:
 
@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.batches import augment, rank_batches, to_input
+from pipeline.dataset import load_split
+from pipeline.model import ModelConfig, build_model
+from scripts.benchmark import seed_datasets, seed_net  # (the seed loop's data and CNN, defined once)
 
-from pipeline.dataset import load_split  # noqa: E402
-from pipeline.batches import augment, rank_batches, to_input  # noqa: E402
-from pipeline.model import ModelConfig, build_model  # noqa: E402
-from scripts.benchmark import seed_datasets, seed_net  # noqa: E402  (the seed loop's data and CNN, defined once)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args() -> argparse.Namespace:

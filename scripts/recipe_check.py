@@ -1,4 +1,4 @@
-"""Measure a recipe's test accuracy over several seeds: ``python scripts/recipe_check.py [--recipe fast]``.
+"""Measure a recipe's test accuracy over several seeds: ``python -m scripts.recipe_check [--recipe fast]``.
 
 Runs the train and evaluate stages (as subprocesses, exactly as DVC would, without
 touching the workspace's outputs) once per seed on params.yaml (with ``recipes/<name>.yaml``
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.errors import cli
+from pipeline.params import load_params, with_overrides
+from pipeline.train import Paths, command
 
-from pipeline.errors import cli  # noqa: E402
-from pipeline.params import load_params, with_overrides  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,12 +56,7 @@ def main() -> int:
             load_params(params)  # fail fast on a bad override
             out = Path(tmp) / str(seed)
             t0 = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-m", "pipeline.train", "--params", str(params), "--data", args.data,
-                 "--model-dir", str(out / "models"), "--live-dir", str(out / "live"),
-                 "--checkpoint-dir", str(out / "checkpoints")],
-                cwd=ROOT, check=True,
-            )  # fmt: skip
+            subprocess.run(command(params, Paths.under(out, Path(args.data))), cwd=ROOT, check=True)
             train_s = time.perf_counter() - t0
             subprocess.run(
                 [sys.executable, "-m", "pipeline.evaluate", "--params", str(params), "--data", args.data,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import yaml
 
 from pipeline.dataset import SPLIT_FILES
 from pipeline.params import with_overrides
+from pipeline.train import Paths, command
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # the offline source the end-to-end runs download from
+TIMING_KEYS = frozenset({"epoch_time_s", "samples_per_s", "train_time_s"})  # metrics that change on every run
 
 
 def idx_bytes(t: torch.Tensor) -> bytes:
@@ -97,16 +100,37 @@ def _fresh_accelerate_state():
     reset_accelerate_state()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this venv first on PATH (``accelerate``, ``dvc``), plus ``extra``."""
+    return {**os.environ, **extra, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def accelerate_launcher(processes: int, *extra: str) -> list[str]:
+    """``accelerate launch`` of ``processes`` CPU processes (gloo) of one thread each, on a free port."""
+    return ["accelerate", "launch", "--quiet", "--multi_gpu", "--num_processes", str(processes),
+            "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), *extra]  # fmt: skip
+
+
+def train_command(out: Path, params: Path, raw: Path, processes: int = 1, checkpoints: Path | None = None) -> list[str]:
+    """The train stage on ``processes`` processes, one thread each, writing under ``out``."""
+    paths = Paths.under(out, raw)
+    if checkpoints is not None:
+        paths = Paths(paths.data, paths.model_dir, paths.live_dir, checkpoints)
+    launcher = accelerate_launcher(processes) if processes > 1 else []
+    return command(params, paths, launcher, "--cpu-threads", "1")
+
+
 def sh(cwd: Path, *cmd: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
     """Run ``cmd`` in ``cwd`` with this venv first on PATH and a git identity; raise on failure if ``check``."""
-    env = {
-        **os.environ,
-        **extra_env,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-    }  # fmt: skip
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}  # fmt: skip
+    proc = subprocess.run(cmd, cwd=cwd, env=child_env(**extra_env, **identity), capture_output=True, text=True)
     if check and proc.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

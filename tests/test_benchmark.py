@@ -16,9 +16,9 @@ def test_quick_benchmark_reports_every_variant_and_recipe_against_the_seed_loop(
     raw = write_raw(tmp_path / "raw", n_train=3200, n_test=300)
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--data", str(raw), "--out", str(out),
+        [sys.executable, "-m", "scripts.benchmark", "--quick", "--data", str(raw), "--out", str(out),
          "--targets", "0.05", "0.5"],
-        capture_output=True, text=True, timeout=900,
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
@@ -83,8 +83,8 @@ def test_time_to_target_ratios_and_the_seed_loop_that_never_gets_there():
 
 def test_benchmark_without_data_says_what_to_run(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--data", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "scripts.benchmark", "--quick", "--data", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 1 and "run `dvc repro download`" in proc.stderr
 
@@ -93,9 +93,9 @@ def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
     raw = write_raw(tmp_path / "raw", n_train=3200, n_test=10)
     out = tmp_path / "profile.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "profile_step.py"), "--steps", "4", "--data", str(raw),
+        [sys.executable, "-m", "scripts.profile_step", "--steps", "4", "--data", str(raw),
          "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
@@ -143,10 +143,10 @@ def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(base))
     out = tmp_path / "check.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "recipe_check.py"), "--params", str(params), "--data", str(raw)]
+    cmd = [sys.executable, "-m", "scripts.recipe_check", "--params", str(params), "--data", str(raw)]
     proc = subprocess.run(
         [*cmd, "--recipe", "fast", "--set", "train.epochs=1", "--seeds", "0", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
@@ -155,6 +155,6 @@ def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path
     assert train["epochs"] == 1  # --set wins over the recipe
     assert [r["seed"] for r in report["runs"]] == [0, 1]
     assert all(0 <= r["test_accuracy"] <= 1 for r in report["runs"])
-    bad = subprocess.run([*cmd, "--set", "trian.epochs=1"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([*cmd, "--set", "trian.epochs=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: override section 'trian' is not a params section")
     assert "Traceback" not in bad.stderr

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import (
+    EpochSums,
     Expected,
     TrainState,
     clean_partial,
@@ -39,7 +40,7 @@ def expected(width: int = 2) -> Expected:
 def state(step: int, fp: str = "abc") -> TrainState:
     epoch = step // STEPS
     history = [{"val/accuracy": 0.5}] * epoch
-    return TrainState(fingerprint=fp, epoch=epoch, step=step % STEPS, global_step=step, sums=[1.5, 2.0, 3.0],
+    return TrainState(fingerprint=fp, epoch=epoch, step=step % STEPS, global_step=step, sums=EpochSums(1.5, 2.0, 3.0),
                       history=history)  # fmt: skip
 
 
@@ -155,7 +156,7 @@ def _schedule_position(path):
         (_position(step=STEPS), "its position (epoch 0, step 10, global step 8) is out of range"),
         (_position(epoch=-1), "its position (epoch -1, step 8, global step 8) is out of range"),
         (_position(global_step=3), "its position (epoch 0, step 8, global step 3) is out of range"),
-        (_position(sums=[1.0, float("nan"), 2.0]), "its history or running sums do not match"),
+        (_position(sums={"loss": 1.0, "correct": float("nan"), "samples": 2.0}), "its history or running sums do not match"),
         (_rng, "its RNG state is not a torch CPU generator state"),
         (_position(fingerprint="0123abcd"), "it was made by another run (0123abcd)"),
         (_schedule_position, "its schedule state is of another schedule or position"),

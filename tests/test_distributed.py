@@ -6,24 +6,19 @@ No mocks: every run is a real `accelerate launch` (or torchrun) of the stage scr
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, full_params, write_raw
+from pipeline.train import Paths, command
+from tests.conftest import TIMING_KEYS, accelerate_launcher, child_env, free_port, full_params, train_command, write_raw
 
 pytestmark = pytest.mark.slow
 
-TRAIN = str(REPO / "pipeline" / "train.py")
-EVALUATE = str(REPO / "pipeline" / "evaluate.py")
-TIMING_KEYS = {"epoch_time_s", "samples_per_s", "train_time_s"}
 # Largest weight difference allowed between 1 and 2 processes after the short run below.
 # DDP averages two half-batch gradients where one process sums the whole batch: the same
 # math, a different float32 summation order, so weights differ by rounding (measured:
@@ -31,30 +26,11 @@ TIMING_KEYS = {"epoch_time_s", "samples_per_s", "train_time_s"}
 # real difference in what the processes see is far larger: changing translate from 2 to 1
 # pixels, or turning flips off, moves the weights by 3e-2 on this run.
 WEIGHT_TOLERANCE = 1e-4
+HANG_LIMIT = 120  # seconds; a rank that waits on a dead peer would wait 1800 (gloo's default)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-
-def launch(*cmd: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def accelerate(n: int, *extra: str) -> list[str]:
-    return ["accelerate", "launch", "--quiet", "--multi_gpu", "--num_processes", str(n),
-            "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), *extra]  # fmt: skip
-
-
-def stage_args(out: Path, params: Path, raw: Path) -> list[str]:
-    return ["--params", str(params), "--data", str(raw), "--model-dir", str(out / "models"), "--live-dir",
-            str(out / "live"), "--checkpoint-dir", str(out / "checkpoints"), "--cpu-threads", "1"]  # fmt: skip
+def launch(cmd: list[str], cwd: Path, timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=child_env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
 def untimed(path: Path) -> dict:
@@ -94,7 +70,7 @@ def params(workdir) -> Path:
 @pytest.fixture(scope="module")
 def single(workdir, params, raw) -> Path:
     out = workdir / "single"
-    proc = launch(sys.executable, TRAIN, *stage_args(out, params, raw), cwd=workdir)
+    proc = launch(train_command(out, params, raw), cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -102,7 +78,7 @@ def single(workdir, params, raw) -> Path:
 @pytest.fixture(scope="module")
 def double(workdir, params, raw) -> tuple[Path, subprocess.CompletedProcess]:
     out = workdir / "double"
-    proc = launch(*accelerate(2), TRAIN, *stage_args(out, params, raw), cwd=workdir)
+    proc = launch(train_command(out, params, raw, processes=2), cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -141,10 +117,12 @@ def test_files_are_written_once_by_the_main_process(single, double):
 def test_distributed_eval_counts_every_test_sample_exactly_once(workdir, single, params, raw, processes):
     # 137 test samples, 16 per process per batch: never a multiple of processes x batch
     out = workdir / f"eval{processes}"
-    cmd = [sys.executable] if processes == 1 else accelerate(processes)
+    cmd = [sys.executable] if processes == 1 else accelerate_launcher(processes)
     proc = launch(
-        *cmd, EVALUATE, "--params", str(params), "--data", str(raw), "--model-dir", str(single / "models"),
-        "--out", str(out / "test.json"), "--eval-dir", str(out / "eval"), "--cpu-threads", "1", cwd=workdir,
+        [*cmd, "-m", "pipeline.evaluate", "--params", str(params), "--data", str(raw), "--model-dir",
+         str(single / "models"), "--out", str(out / "test.json"), "--eval-dir", str(out / "eval"),
+         "--cpu-threads", "1"],
+        cwd=workdir,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "test.json").read_text())
@@ -155,64 +133,62 @@ def test_distributed_eval_counts_every_test_sample_exactly_once(workdir, single,
         assert (out / "test.json").read_bytes() == reference  # byte-identical metrics file
 
 
-def machine(rank: int, port: str, workdir: Path, args: list[str]) -> subprocess.Popen:
+def machine(rank: int, port: str, workdir: Path, out: Path, params: Path, raw: Path) -> subprocess.Popen:
     """One of two simulated machines (1 process each) joined over 127.0.0.1."""
-    cmd = ["accelerate", "launch", "--quiet", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
-           "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-           "--num_cpu_threads_per_process", "1", TRAIN, *args]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=workdir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = ["accelerate", "launch", "--quiet", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+                "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                "--num_cpu_threads_per_process", "1"]  # fmt: skip
+    cmd = command(params, Paths.under(out, raw), launcher, "--cpu-threads", "1")
+    return subprocess.Popen(
+        cmd, cwd=workdir, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_two_machines_on_loopback_train_the_same_model(workdir, single, params, raw):
     port = str(free_port())
     out = workdir / "machines"
-    procs = [machine(rank, port, workdir, stage_args(out, params, raw)) for rank in (0, 1)]
+    procs = [machine(rank, port, workdir, out, params, raw) for rank in (0, 1)]
     results = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert "2 process(es) on cpu" in results[0][0] and "epoch" not in results[1][0]  # rank 1 prints nothing
     assert max_weight_diff(single, out) <= WEIGHT_TOLERANCE
 
 
-def test_a_failing_rank_ends_the_whole_launch_quickly_with_its_error(workdir, params, raw):
-    # machine 1 lacks the data: its rank fails before the first collective; machine 0 must not hang
+def test_a_failing_rank_ends_the_whole_launch_with_its_error_instead_of_hanging(workdir, params, raw):
+    # machine 1 lacks the data: its rank fails before the first collective; machine 0 must not wait
+    # for it (gloo's default timeout is 30 minutes), so both launches must be over within HANG_LIMIT
     port = str(free_port())
     out = workdir / "failing"
-    started = time.monotonic()
-    procs = [
-        machine(rank, port, workdir, stage_args(out, params, raw if rank == 0 else workdir / "no-data"))
-        for rank in (0, 1)
-    ]
-    results = [p.communicate(timeout=120) for p in procs]  # the gloo default would wait 30 minutes
-    elapsed = time.monotonic() - started
+    procs = [machine(rank, port, workdir, out, params, raw if rank == 0 else workdir / "no-data") for rank in (0, 1)]
+    try:
+        results = [p.communicate(timeout=HANG_LIMIT) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"a launch was still running {HANG_LIMIT}s after the other rank failed: it hangs")
     assert procs[0].returncode != 0 and procs[1].returncode != 0
     assert "no-data/train-images-idx3-ubyte is missing; run `dvc repro download`" in results[1][1]
     assert not (out / "models").exists()
-    print(f"launch ended {elapsed:.1f}s after start")
 
 
 def test_batch_not_divisible_by_processes_is_refused_on_every_rank(workdir, raw, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(full_params({"data": {"subset": 0, "val_size": 77}, "train": {"batch_size": 41}})))
-    proc = launch(*accelerate(2), TRAIN, *stage_args(tmp_path, params, raw), cwd=tmp_path, timeout=120)
+    proc = launch(train_command(tmp_path, params, raw, processes=2), cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "error: train.batch_size (41) must be divisible by the number of processes (2)" in proc.stderr
 
 
 def test_torchrun_on_cpu_joins_one_group_instead_of_two_lone_rank_zeros(workdir, params, raw, tmp_path):
     # the silent trap: without Accelerator(cpu=True), each process would train alone as rank 0
-    proc = launch(
-        "torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), TRAIN,
-        *stage_args(tmp_path, params, raw), cwd=tmp_path,
-    )  # fmt: skip
+    launcher = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    proc = launch(command(params, Paths.under(tmp_path, raw), launcher, "--cpu-threads", "1"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "2 process(es) on cpu" in proc.stdout and proc.stdout.count("epoch 1/2 ") == 1
 
 
 def test_world_size_without_a_launcher_is_refused_with_a_hint(workdir, params, raw, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, TRAIN, *stage_args(tmp_path, params, raw)],
-        cwd=tmp_path, env={**env(), "WORLD_SIZE": "2", "RANK": "0"}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = launch(train_command(tmp_path, params, raw), cwd=tmp_path, timeout=120, WORLD_SIZE="2", RANK="0")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: WORLD_SIZE=2")
     assert "accelerate launch" in proc.stderr and "Traceback" not in proc.stderr

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pipeline.provenance import import_closure
+from pipeline.train import Paths, command
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -38,9 +39,12 @@ def test_stages_chain_through_their_outputs():
     assert {"data/raw", "models"} <= set(STAGES["evaluate"]["deps"])
 
 
-def test_train_runs_under_accelerate_launch():
-    assert STAGES["train"]["cmd"].startswith("accelerate launch ")
-    assert " pipeline/train.py " in STAGES["train"]["cmd"]
+def test_train_runs_as_a_module_under_accelerate_launch_with_the_stages_own_command_line():
+    cmd = STAGES["train"]["cmd"]
+    assert cmd.startswith("accelerate launch --quiet ")
+    paths = Paths(Path("data/raw"), Path("models"), Path("dvclive/train"), Path("checkpoints"))
+    expected = command(Path("params.yaml"), paths)[1:]  # less this Python: the launcher brings its own
+    assert cmd[cmd.index(" -m pipeline.train ") :].split() == expected
 
 
 def test_metrics_files_are_declared_and_kept_in_git():

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import re
 
@@ -9,11 +8,7 @@ from PIL import Image
 from pipeline.batches import to_input
 from pipeline.dataset import CLASSES, load_split
 from pipeline.model import CONFIG_FILE, ModelConfig, build_model, save_artifact
-from tests.conftest import REPO
-
-spec = importlib.util.spec_from_file_location("predict", REPO / "scripts" / "predict.py")
-predict = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(predict)
+from scripts import predict
 
 
 @pytest.fixture

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,13 +13,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, full_params, write_raw
-from tests.test_distributed import free_port
+from tests.conftest import TIMING_KEYS, child_env, full_params, train_command, write_raw
 
 pytestmark = pytest.mark.slow
 
-TRAIN = str(REPO / "pipeline" / "train.py")
-TIMING_KEYS = {"epoch_time_s", "samples_per_s", "train_time_s"}
 OVERRIDES = {
     "data": {"subset": 0, "val_size": 77},
     "train": {"epochs": 3, "batch_size": 8, "lr": 0.003, "seed": 5, "eval_batch_size": 16,
@@ -39,22 +34,8 @@ def setup(tmp_path_factory):
     return root, raw, params
 
 
-def command(processes: int, out: Path, params: Path, raw: Path, checkpoints: Path | None = None) -> list[str]:
-    launch = [sys.executable] if processes == 1 else [
-        "accelerate", "launch", "--quiet", "--multi_gpu", "--num_processes", str(processes),
-        "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
-    ]  # fmt: skip
-    return [*launch, TRAIN, "--params", str(params), "--data", str(raw), "--model-dir", str(out / "models"),
-            "--live-dir", str(out / "live"), "--checkpoint-dir", str(checkpoints or out / "checkpoints"),
-            "--cpu-threads", "1"]  # fmt: skip
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -62,7 +43,7 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 def run_and_kill(cmd: list[str], ckpt_dir: Path, when: str, log: Path | None = None) -> None:
     """Start training and SIGKILL its whole process group at the moment ``when`` names; stdout to ``log``."""
     out = log.open("w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, env=env(), stdout=out, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
 
     def found(pattern: str) -> set[Path]:  # inside run folders, checkpoints/<fingerprint>/
@@ -76,17 +57,17 @@ def run_and_kill(cmd: list[str], ckpt_dir: Path, when: str, log: Path | None = N
     def newest() -> int:
         return max((int(n.removeprefix("step-")) for n in names("step-*")), default=0)
 
+    # the moment to kill: once the condition holds (or a checkpoint late in the run says it will not)
+    moments = {
+        "after-save": lambda: newest() >= 14,  # the instant the 2nd checkpoint (a mid-epoch one) is complete
+        "mid-epoch": lambda: newest() >= 14,  # then 20 ms more: between two mid-epoch checkpoints
+        "during-save": lambda: (newest() >= 7 and bool(names(".tmp-*"))) or newest() >= 60,  # a .tmp-* folder
+    }
     try:
-        if when == "after-save":  # the instant the 2nd checkpoint (a mid-epoch one, step 14) is complete
-            while newest() < 14 and time.monotonic() < deadline:
-                time.sleep(0.0005)
-        elif when == "mid-epoch":  # between two mid-epoch checkpoints
-            while newest() < 14 and time.monotonic() < deadline:
-                time.sleep(0.0005)
+        while not moments[when]() and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        if when == "mid-epoch":
             time.sleep(0.02)
-        elif when == "during-save":  # while a checkpoint is being written (a .tmp-* folder exists)
-            while not (newest() >= 7 and names(".tmp-*")) and newest() < 60 and time.monotonic() < deadline:
-                time.sleep(0.0002)
         assert proc.poll() is None, "training finished before it could be killed"
     finally:
         kill_tree(proc)
@@ -126,7 +107,7 @@ def reference(setup):
     outs = {}
     for processes in (1, 2):
         out = root / f"reference-{processes}"
-        run(command(processes, out, params, raw))
+        run(train_command(out, params, raw, processes))
         outs[processes] = out
     return outs
 
@@ -136,7 +117,7 @@ def reference(setup):
 def test_killed_run_resumes_to_bitwise_identical_weights_and_metrics(setup, reference, processes, when):
     root, raw, params = setup
     out = root / f"killed-{processes}-{when}"
-    cmd = command(processes, out, params, raw)
+    cmd = train_command(out, params, raw, processes)
     run_and_kill(cmd, out / "checkpoints", when)
     assert not (out / "models").exists()
     resumed = run(cmd)
@@ -157,9 +138,9 @@ def test_two_experiments_interrupted_one_after_the_other_both_resume(setup, refe
     shared = tmp_path / "checkpoints"  # one workspace: both experiments use the same checkpoint folder
 
     def cmd(params_file: Path, out: Path) -> list[str]:
-        return command(1, out, params_file, raw, shared)
+        return train_command(out, params_file, raw, checkpoints=shared)
 
-    run(command(1, tmp_path / "lr-reference", other, raw))
+    run(train_command(tmp_path / "lr-reference", other, raw))
     run_and_kill(cmd(params, tmp_path / "a"), shared, "mid-epoch")
     run_and_kill(cmd(other, tmp_path / "b"), shared, "mid-epoch", log=tmp_path / "b.log")
     assert len([p for p in shared.iterdir() if not p.name.startswith(".")]) == 2  # both runs' state kept
@@ -178,7 +159,7 @@ def test_two_experiments_interrupted_one_after_the_other_both_resume(setup, refe
 def test_a_checkpoint_that_does_not_fit_costs_one_line_and_the_previous_one_resumes(setup, reference, tmp_path):
     _, raw, params = setup
     out = tmp_path / "tampered"
-    cmd = command(1, out, params, raw)
+    cmd = train_command(out, params, raw)
     run_and_kill(cmd, out / "checkpoints", "mid-epoch")
     (run_dir,) = [p for p in (out / "checkpoints").iterdir() if p.is_dir()]
     newest = sorted(run_dir.glob("step-*"))[-1]
