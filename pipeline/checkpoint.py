@@ -15,7 +15,7 @@ checkpoint folder holds
   of logged rows.
 
 It is built in a temporary folder and renamed into place, so a folder named ``step-*`` is always
-complete; a kill during a save leaves only a ``.tmp-*`` folder, removed on the next start. Before a
+complete (pipeline/files.py); a kill during a save leaves only a ``.tmp-*`` folder, removed on the next start. Before a
 checkpoint is resumed, :func:`misfit` checks that every part fits the model and schedule at hand.
 """
 
@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.files import atomic_path, remove_partial, write_text
 from pipeline.provenance import RunKey, first_difference
 
 PREFIX = "step-"
@@ -103,13 +102,6 @@ def list_checkpoints(run: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def clean_partial(run: Path) -> None:
-    """Remove the temporary folders of saves that a kill interrupted."""
-    if run.is_dir():
-        for p in run.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
@@ -123,25 +115,18 @@ def save_checkpoint(
     scheduler: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write one checkpoint atomically into the run folder ``run``, then drop all but the newest ``keep``."""
-    run.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=run))
-    try:
+    """Write one checkpoint atomically into the run folder ``run``, then drop all but the newest ``keep``.
+
+    The same step saved again (a resumed run finishing, say) replaces the one there.
+    """
+    final = run / checkpoint_name(state.global_step)
+    with atomic_path(final, folder=True) as tmp:
         save_file(_cpu(model), str(tmp / "model.safetensors"))
         save_file(_cpu(best), str(tmp / "best.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(scheduler, tmp / "scheduler.pt")
         save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1))
-        for f in tmp.iterdir():  # contents reach the disk before the rename makes them visible
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        final = run / checkpoint_name(state.global_step)
-        if final.exists():  # the same step saved again (e.g. a resumed run finishing) - replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -265,11 +250,8 @@ def resumable(run: Path, expected: Expected) -> tuple[Checkpoint | None, list[st
 def start_run(root: Path, key: RunKey) -> Path:
     """The run folder of ``key`` under ``root``, created with its ``run.json`` if new."""
     run = root / key.fingerprint()
-    run.mkdir(parents=True, exist_ok=True)
     if not (run / RUN_FILE).is_file():
-        tmp = run / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(key.to_json(), indent=1, sort_keys=True))
-        os.replace(tmp, run / RUN_FILE)
+        write_text(run / RUN_FILE, json.dumps(key.to_json(), indent=1, sort_keys=True))
     return run
 
 
@@ -329,7 +311,7 @@ def open_run(
     ``keep_runs`` runs in all. When nothing resumes, a line names what differs from the newest other run.
     """
     run = root / key.fingerprint()
-    clean_partial(run)
+    remove_partial(run)
     notes: list[str] = []
     legacy = list_checkpoints(root)  # step-* straight under root: an older layout, with no run key to match
     if legacy:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
 import socket
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -28,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline.dataset import FILES
 from pipeline.errors import DownloadError, cli
+from pipeline.files import atomic_path, remove_partial
 from pipeline.params import load_params
 
 CHUNK = 1 << 16
@@ -145,36 +143,23 @@ def file_is_verified(path: Path, sha256: str, size: int) -> bool:
     return h.hexdigest() == sha256
 
 
-def fetch_file(
-    name: str, sha256: str, size: int, sources: Iterable[str], out_dir: Path, tmp_dir: Path, timeout: float
-) -> None:
+def fetch_file(name: str, sha256: str, size: int, sources: Iterable[str], out_dir: Path, timeout: float) -> None:
     """Put a verified ``out_dir/name`` in place from the first source that works.
 
     Raises DownloadError with one line per source when none works.
     """
     failures: list[str] = []
     for source in sources:
-        tmp = tmp_dir / name
         try:
             with open_source(source, name, timeout) as (stream, gzipped, length, where):
-                bar = tqdm(
-                    total=length,
-                    unit="B",
-                    unit_scale=True,
-                    desc=name,
-                    leave=False,
-                    disable=None if is_url(source) else True,
-                )
-                with bar, tmp.open("wb") as dest:
+                quiet = None if is_url(source) else True  # a bar for network sources on a terminal only
+                bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=quiet)
+                with bar, atomic_path(out_dir / name) as tmp, tmp.open("wb") as dest:
                     copy_verified(stream, gzipped, dest, sha256, size, bar)
-                    dest.flush()
-                    os.fsync(dest.fileno())
         except SourceError as e:
-            tmp.unlink(missing_ok=True)
             failures.append(f"{source}: {e}")
             print(f"download: {name} from {source} failed: {e}; trying the next source", file=sys.stderr, flush=True)
             continue
-        os.replace(tmp, out_dir / name)
         print(f"download: {name} from {where}: {size} bytes, sha256 verified", flush=True)
         return
     raise DownloadError(f"no source provided {name}:\n" + "\n".join(f"  {f}" for f in failures))
@@ -186,27 +171,22 @@ def download_all(
     """Fetch every missing or unverified Fashion-MNIST file into ``out_dir``.
 
     ``files`` maps each file name to its decompressed (sha256, size). Verified files
-    already there are kept. Nothing unverified ever appears in ``out_dir``: files are
-    written in a temporary folder beside it and renamed in once checked.
+    already there are kept. Nothing unverified ever appears under a file's own name: each
+    is written under a temporary one and renamed once checked (pipeline/files.py).
     """
     out_dir, sources = Path(out_dir), list(sources)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(".download-*"):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=out_dir.parent))
+    remove_partial(out_dir)  # left by a run that was killed
     errors = []
-    try:
-        for name, (sha256, size) in files.items():
-            if file_is_verified(out_dir / name, sha256, size):
-                print(f"download: {name} already present and verified", flush=True)
-                continue
-            (out_dir / name).unlink(missing_ok=True)
-            try:
-                fetch_file(name, sha256, size, sources, out_dir, tmp_dir, timeout)
-            except DownloadError as e:
-                errors.append(str(e))
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    for name, (sha256, size) in files.items():
+        if file_is_verified(out_dir / name, sha256, size):
+            print(f"download: {name} already present and verified", flush=True)
+            continue
+        (out_dir / name).unlink(missing_ok=True)
+        try:
+            fetch_file(name, sha256, size, sources, out_dir, timeout)
+        except DownloadError as e:
+            errors.append(str(e))
     if errors:
         raise DownloadError("\n".join(errors) + "\nadd a working source to download.sources in params.yaml")
 

@@ -11,16 +11,13 @@ misclassified test images.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.dataset import CLASSES, load_split
 from pipeline.errors import cli
+from pipeline.files import atomic_path, write_json
 from pipeline.metrics import classification_report, confusion_matrix
 from pipeline.model import artifact_info, load_artifact
 from pipeline.params import load_params
@@ -39,25 +36,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="confusion.json, predictions.csv, per_class.csv and misclassified.png go here (default: %(default)s)",
     )
     return p.parse_args(argv)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
-    """Call ``write`` on a temp file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, obj: object) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 @cli
@@ -87,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             eval_dir / "confusion.json",
             {"classes": list(CLASSES), "rows": "true class", "columns": "predicted class", "counts": cm.tolist()},
         )
-        atomic_write(eval_dir / "predictions.csv", lambda p: write_predictions_csv(p, labels, preds, CLASSES))
-        atomic_write(eval_dir / "per_class.csv", lambda p: write_per_class_csv(p, report["per_class_accuracy"]))
-        grid = label_grid(*misclassified(test.images, labels, preds, CLASSES))
-        atomic_write(eval_dir / "misclassified.png", lambda p: grid.save(p, format="PNG"))
+        with atomic_path(eval_dir / "predictions.csv") as tmp:
+            write_predictions_csv(tmp, labels, preds, CLASSES)
+        with atomic_path(eval_dir / "per_class.csv") as tmp:
+            write_per_class_csv(tmp, report["per_class_accuracy"])
+        with atomic_path(eval_dir / "misclassified.png") as tmp:
+            label_grid(*misclassified(test.images, labels, preds, CLASSES)).save(tmp, format="PNG")
         info = artifact_info(args.model_dir)
         worst = sorted(report["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
         say(

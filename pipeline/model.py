@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ from torch import nn
 
 from pipeline.dataset import CLASSES
 from pipeline.errors import ModelArtifactError
+from pipeline.files import atomic_path
 from pipeline.params import ModelName
 
 ARTIFACT_FORMAT = 1
@@ -126,35 +124,18 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise ModelArtifactError(f"unknown model {cfg.name!r}; known: {', '.join(MODELS)}") from None
 
 
-def _atomic_dir(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
 def save_artifact(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, extra: dict | None = None) -> None:
     """Write ``model.safetensors`` and ``model.json`` into ``out_dir``, replacing it atomically.
 
     ``model`` must already be unwrapped (no ``module.`` or ``_orig_mod.`` prefixes).
     """
-    out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     bad = [k for k in state if k.startswith(("module.", "_orig_mod."))]
     assert not bad, f"wrapped model passed to save_artifact: {bad[:3]}"
-    tmp = _atomic_dir(out_dir)
-    try:
+    meta = {"format": ARTIFACT_FORMAT, "model": dataclasses.asdict(cfg), "classes": list(CLASSES), **(extra or {})}
+    with atomic_path(out_dir, folder=True) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": str(ARTIFACT_FORMAT)})
-        meta = {"format": ARTIFACT_FORMAT, "model": dataclasses.asdict(cfg), "classes": list(CLASSES)}
-        meta.update(extra or {})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

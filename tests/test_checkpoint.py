@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +9,6 @@ from pipeline.checkpoint import (
     EpochSums,
     Expected,
     TrainState,
-    clean_partial,
     latest_checkpoint,
     list_checkpoints,
     list_runs,
@@ -18,6 +18,7 @@ from pipeline.checkpoint import (
     resumable,
     save_checkpoint,
 )
+from pipeline.files import remove_partial
 from pipeline.provenance import RunKey
 
 EPOCHS, STEPS = 3, 10  # the run these checkpoints belong to: 3 epochs of 10 steps
@@ -86,7 +87,7 @@ def test_interrupted_save_leaves_only_a_temp_folder_that_is_ignored_then_removed
     (tmp_path / ".tmp-killed").mkdir()
     (tmp_path / ".tmp-killed" / "model.safetensors").write_bytes(b"half")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003"]
-    clean_partial(tmp_path)
+    remove_partial(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
 
 
@@ -156,7 +157,7 @@ def _schedule_position(path):
         (_position(step=STEPS), "its position (epoch 0, step 10, global step 8) is out of range"),
         (_position(epoch=-1), "its position (epoch -1, step 8, global step 8) is out of range"),
         (_position(global_step=3), "its position (epoch 0, step 8, global step 3) is out of range"),
-        (_position(sums={"loss": 1.0, "correct": float("nan"), "samples": 2.0}), "its history or running sums do not match"),
+        (_position(sums={"loss": 1.0, "correct": math.nan, "samples": 2.0}), "its history or running sums do not"),
         (_rng, "its RNG state is not a torch CPU generator state"),
         (_position(fingerprint="0123abcd"), "it was made by another run (0123abcd)"),
         (_schedule_position, "its schedule state is of another schedule or position"),

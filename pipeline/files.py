@@ -1,0 +1,95 @@
+"""Atomic writes: a file or folder appears under its name complete, or not at all.
+
+Everything a stage writes (checkpoints, the model, metrics, plots, the downloaded files) goes through
+:func:`atomic_path`: it is built under a temporary name beside its final one (``.tmp-<name>-*``, so a
+kill leaves only such a name, which the next run removes), flushed to disk, given the permissions the
+umask allows (not the 0600/0700 of a temporary file), and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _settle(path: Path, mask: int) -> None:
+    """fsync ``path`` (every file in it, for a folder) and set the permissions a new file would get."""
+    if path.is_dir():
+        for child in path.iterdir():
+            _settle(child, mask)
+        path.chmod(0o777 & ~mask)
+        return
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+    path.chmod(0o666 & ~mask)
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; a folder already there is swapped out first, then removed."""
+    if tmp.is_dir() and final.is_dir():
+        old = final.with_name(f"{TMP_PREFIX}{final.name}-old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def remove_partial(folder: Path) -> None:
+    """Remove what writes that a kill interrupted left in ``folder``."""
+    if folder.is_dir():
+        for p in folder.glob(f"{TMP_PREFIX}*"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(final: str | Path, folder: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``final`` to write (a file, or a ``folder`` to fill); renamed to ``final`` at the end.
+
+    If the block raises, the temporary path is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{TMP_PREFIX}{final.name}-"
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        _settle(tmp, _umask())
+        _replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj: object, indent: int = 2) -> None:
+    """Write ``obj`` as indented JSON (with a final newline) to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=indent) + "\n")

@@ -1,0 +1,65 @@
+import os
+import stat
+
+import pytest
+
+from pipeline.files import atomic_path, remove_partial, write_json
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_an_atomic_file_gets_the_permissions_the_umask_allows_not_a_temp_files(tmp_path, umask_027):
+    write_json(tmp_path / "out" / "m.json", {"a": 1})
+    assert (tmp_path / "out" / "m.json").read_text() == '{\n  "a": 1\n}\n'
+    assert mode(tmp_path / "out" / "m.json") == 0o640  # mkstemp alone would leave 0600
+
+
+def test_an_atomic_folder_and_its_files_get_the_umasks_permissions(tmp_path, umask_027):
+    with atomic_path(tmp_path / "models", folder=True) as tmp:
+        (tmp / "w.bin").write_bytes(b"x")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "n.txt").write_text("y")
+    root = tmp_path / "models"
+    assert mode(root) == 0o750 and mode(root / "sub") == 0o750  # mkdtemp alone would leave 0700
+    assert mode(root / "w.bin") == 0o640 and mode(root / "sub" / "n.txt") == 0o640
+
+
+def test_an_atomic_folder_replaces_the_old_one_whole(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "stale.bin").write_bytes(b"old")
+    with atomic_path(tmp_path / "models", folder=True) as tmp:
+        (tmp / "new.bin").write_bytes(b"new")
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["new.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]  # no temporary or old folder left
+
+
+@pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
+def test_a_failed_write_leaves_the_old_version_and_no_temporary(tmp_path, folder):
+    final = tmp_path / "thing"
+    if folder:
+        final.mkdir()
+        (final / "keep").write_text("old")
+    else:
+        final.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(final, folder=folder) as tmp:
+        (tmp / "half" if folder else tmp).write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert (final / "keep" if folder else final).read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["thing"]
+
+
+def test_what_a_kill_left_is_removed_and_nothing_else(tmp_path):
+    (tmp_path / ".tmp-step-00000007-x").mkdir()
+    (tmp_path / ".tmp-m.json-y").write_text("half")
+    (tmp_path / "step-00000003").mkdir()
+    remove_partial(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000003"]
