@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.dataset import CLASSES, load_split
@@ -36,6 +37,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="confusion.json, predictions.csv, per_class.csv and misclassified.png go here (default: %(default)s)",
     )
     return p.parse_args(argv)
+
+
+def command(
+    params: Path, data: Path, model_dir: Path, out: Path, eval_dir: Path, launcher: Sequence[str] = (), *extra: str
+) -> list[str]:
+    """This stage's command line, as dvc.yaml runs it: ``launcher -m pipeline.evaluate`` (no launcher: this Python)."""
+    return [*(launcher or [sys.executable]), "-m", "pipeline.evaluate", "--params", str(params), "--data", str(data),
+            "--model-dir", str(model_dir), "--out", str(out), "--eval-dir", str(eval_dir), *extra]  # fmt: skip
 
 
 @cli

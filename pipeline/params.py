@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ParamsError
+from pipeline.files import write_text
 
 ModelName = Literal["tutorial_cnn", "bn_cnn"]  # the models pipeline/model.py builds (its MODELS registry)
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -265,21 +266,30 @@ def exp_run_line(raw: dict[str, Any], name: str) -> str:
     return " ".join(["dvc exp run -n", name, *sets])
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``path``, which must set every key: nothing is filled in from code defaults.
-
-    Raises:
-        ParamsError: the file is missing, is not YAML, lacks a key, or holds a bad key or value.
-    """
+def read_yaml(path: str | Path) -> Any:
+    """Parse the YAML file ``path`` (params or a recipe) as YAML 1.2 does, as DVC's ``-S`` writes it."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ParamsError(f"params file {path} not found; run from the project root or pass --params") from None
     try:
-        raw = yaml.load(text, Loader=_Yaml12Loader)
+        return yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def load_params(path: str | Path = "params.yaml", *layers: dict[str, Any]) -> Params:
+    """Read and validate ``path``, which must set every key: nothing is filled in from code defaults.
+
+    Each of ``layers`` ({section: {key: value}}, a recipe's shape) is laid over it in turn, and the
+    result is checked as a whole.
+
+    Raises:
+        ParamsError: the file is missing, is not YAML, lacks a key, or holds a bad key or value.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
     params = parse_params(raw)
     missing = missing_keys(raw)
     if missing:
@@ -292,7 +302,28 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(
             f"{path} lacks {shown}: a params file must set every key, so that it alone records the run{hint}"
         )
+    for layer in layers:
+        params = with_changes(params, layer)
     return params
+
+
+def with_changes(params: Params, layer: dict[str, Any]) -> Params:
+    """``params`` with ``layer`` ({section: {key: value}}) laid over it, checked like a params file."""
+    return parse_params(with_overrides(as_dict(params), layer))
+
+
+def assignment(text: str) -> dict[str, Any]:
+    """``section.key=value`` (as ``dvc exp run -S`` takes it) as a layer ``{section: {key: value}}``."""
+    key, eq, value = text.partition("=")
+    section, dot, name = key.partition(".")
+    if not (eq and dot and section and name):
+        raise ParamsError(f"{text!r} is not SECTION.KEY=VALUE (e.g. train.epochs=5)")
+    return {section: {name: yaml.load(value, Loader=_Yaml12Loader)}}
+
+
+def save_params(params: Params, path: str | Path) -> None:
+    """Write ``params`` as a complete params file (every key) that :func:`load_params` reads back unchanged."""
+    write_text(path, yaml.safe_dump(as_dict(params), sort_keys=False))
 
 
 def training_params(params: Params) -> dict[str, Any]:
@@ -332,9 +363,13 @@ __all__ = [
     "ParamsError",
     "TrainParams",
     "as_dict",
+    "assignment",
     "load_params",
     "missing_keys",
     "parse_params",
+    "read_yaml",
+    "save_params",
     "training_params",
+    "with_changes",
     "with_overrides",
 ]

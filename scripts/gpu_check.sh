@@ -33,20 +33,20 @@ cat "$OUT/accuracy.md"
 
 dir="$OUT/launch-bf16"
 mkdir -p "$dir"
-python - "${PARAMS:-params.yaml}" "$dir/params.yaml" <<'PY'
-import sys, yaml
-params = yaml.safe_load(open(sys.argv[1]))
-params["train"]["mixed_precision"] = "bf16"
-yaml.safe_dump(params, open(sys.argv[2], "w"))
-PY
+# the params and both stage command lines come from the project (pipeline.params, train.command, evaluate.command)
+python -c 'import sys; from pipeline.params import load_params, save_params, with_changes
+save_params(with_changes(load_params(sys.argv[1]), {"train": {"mixed_precision": "bf16"}}), sys.argv[2])' \
+  "${PARAMS:-params.yaml}" "$dir/params.yaml"
+read -ra train_cmd < <(python -c 'import shlex, sys; from pathlib import Path; from pipeline.train import Paths, command
+d = Path(sys.argv[1]); launcher = "accelerate launch --quiet --num_processes 1 --num_machines 1 --dynamo_backend no"
+print(shlex.join(command(d / "params.yaml", Paths.under(d, Path("data/raw")), launcher.split())))' "$dir")
+read -ra eval_cmd < <(python -c 'import shlex, sys; from pathlib import Path; from pipeline.evaluate import command
+d = Path(sys.argv[1]); print(shlex.join(command(d / "params.yaml", Path("data/raw"), d / "models", d / "test.json", d / "eval")))' "$dir")
 start=$(date +%s.%N)
-timeout "${LAUNCH_LIMIT:-75}" accelerate launch --quiet --num_processes 1 --num_machines 1 \
-  --dynamo_backend no -m pipeline.train --params "$dir/params.yaml" --model-dir "$dir/models" --live-dir "$dir/live" \
-  --checkpoint-dir "$dir/checkpoints" > "$dir/train.log" 2>&1
+timeout "${LAUNCH_LIMIT:-75}" "${train_cmd[@]}" > "$dir/train.log" 2>&1
 echo "launch exit $?" | tee -a "$OUT/summary.txt"
 end=$(date +%s.%N)
-python -m pipeline.evaluate --params "$dir/params.yaml" --model-dir "$dir/models" --out "$dir/test.json" --eval-dir "$dir/eval" \
-  > "$dir/evaluate.log" 2>&1
+"${eval_cmd[@]}" > "$dir/evaluate.log" 2>&1
 python - "$dir" "$start" "$end" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import json, sys
 d, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])

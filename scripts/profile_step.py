@@ -32,7 +32,7 @@ from torch import nn
 from pipeline.batches import augment, rank_batches, to_input
 from pipeline.dataset import load_split
 from pipeline.model import ModelConfig, build_model
-from scripts.benchmark import seed_datasets, seed_net  # (the seed loop's data and CNN, defined once)
+from scripts.seed_loop import Net, seed_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def seed_loop_split(data: Path, steps: int) -> dict:
     with seed_datasets(data) as (trainset, _):
         loader = DataLoader(Subset(trainset, range((steps + 20) * 32)), batch_size=32, shuffle=True, num_workers=2)
         torch.manual_seed(0)
-        net = seed_net()
+        net = Net()
         optimizer = torch.optim.Adam(net.parameters(), lr=0.001)
         wait = compute = 0.0
         it = iter(loader)

@@ -1,17 +1,30 @@
 """The benchmark script runs end to end in --quick mode (correctness only: no timing asserts)."""
 
-import importlib.util
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
+from scripts.benchmark import OPTIONS, RECIPES, Job, plan
 from tests.conftest import REPO, write_raw
 
-pytestmark = pytest.mark.slow
+
+def test_the_plan_runs_every_option_per_round_then_the_recipes_per_seed_then_the_data_path():
+    args = argparse.Namespace(parts=["throughput", "accuracy", "datapath"], options=list(OPTIONS), repeats=2,
+                              quick=False, recipes=list(RECIPES), seeds=[3, 4])  # fmt: skip
+    jobs = plan(args)
+    cpu_options = [o for o in OPTIONS if o != "cudnn-benchmark"]
+    throughput = [j for j in jobs if j.part == "throughput"]
+    assert [(j.variant, j.round) for j in throughput] == [(v, r) for r in (0, 1) for v in ["seed", *cpu_options]]
+    accuracy = [j.row for j in jobs if j.part == "accuracy"]
+    assert accuracy == ["seed"] + [f"{r}/seed{s}" for r in RECIPES for s in (3, 4)]
+    assert [j.variant for j in jobs if j.part == "datapath"] == list(RECIPES)
+    assert all(Job.from_json(j.to_json()) == j for j in jobs)  # what a child process is told, it reads back
 
 
+@pytest.mark.slow
 def test_quick_benchmark_reports_every_variant_and_recipe_against_the_seed_loop(tmp_path):
     raw = write_raw(tmp_path / "raw", n_train=3200, n_test=300)
     out = tmp_path / "bench.json"
@@ -45,42 +58,6 @@ def test_quick_benchmark_reports_every_variant_and_recipe_against_the_seed_loop(
     assert report["machine"]["torch"] and "| compile |" in proc.stdout and "| beyond |" in proc.stdout
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_time_to_target_ratios_and_the_seed_loop_that_never_gets_there():
-    bench = load_benchmark()
-    common = {"samples_per_s": 1000.0, "peak_rss_mb": 500.0}
-    seed = {**common, "train_s": 300.0, "curve": [{"train_s": 100.0, "test_accuracy": 0.89},
-                                        {"train_s": 300.0, "test_accuracy": 0.905}]}  # fmt: skip
-    fast = {**common, "train_s": 20.0, "curve": [{"train_s": 10.0, "test_accuracy": 0.902},
-                                       {"train_s": 20.0, "test_accuracy": 0.912}]}  # fmt: skip
-    slow = {**common, "train_s": 50.0, "curve": [{"train_s": 50.0, "test_accuracy": 0.85}]}
-    report = bench.summarise(
-        {"throughput": {}, "accuracy": {"seed": seed, "fast": fast, "slow": slow}, "datapath": {}}, [0.90, 0.91]
-    )
-    rows = report["accuracy"]
-    assert rows["fast"]["to_target"]["0.900"] == {"train_s": 10.0, "ratio_vs_seed": 30.0, "ratio_is_lower_bound": False}
-    # the seed loop never reached 91%: its whole 300 s run bounds its time from below
-    assert rows["fast"]["to_target"]["0.910"] == {"train_s": 20.0, "ratio_vs_seed": 15.0, "ratio_is_lower_bound": True}
-    assert rows["seed"]["to_target"]["0.910"] == {"train_s": None}
-    assert rows["slow"]["to_target"]["0.900"] == {"train_s": None} and rows["slow"]["final_test_accuracy"] == 0.85
-    per_seed = {"fast/seed0": fast, "fast/seed1": {**fast, "train_s": 30.0, "curve": [
-        {"train_s": 15.0, "test_accuracy": 0.90}, {"train_s": 30.0, "test_accuracy": 0.908}]}}  # fmt: skip
-    many = bench.summarise({"throughput": {}, "accuracy": {"seed": seed, **per_seed}, "datapath": {}}, [0.90, 0.91])
-    mean = many["accuracy"]["fast (mean)"]
-    assert mean["seeds"] == 2 and mean["final_test_accuracy"] == 0.91 and mean["train_s"] == 25.0
-    assert mean["to_target"]["0.900"] == {"train_s": 12.5, "ratio_vs_seed": 24.0, "ratio_is_lower_bound": False}
-    assert mean["to_target"]["0.910"] == {"train_s": None}  # seed 1 never got there
-    table = bench.markdown({**report, "machine": {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}})
-    assert "| fast | 0.9120 | 20.0 |" in table and "10.0 s (30.0×) | 20.0 s (>15.0×)" in table
-    assert "| slow | 0.8500 |" in table and "not reached | not reached" in table
-
-
 def test_benchmark_without_data_says_what_to_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "--quick", "--data", str(tmp_path)],
@@ -89,6 +66,7 @@ def test_benchmark_without_data_says_what_to_run(tmp_path):
     assert proc.returncode == 1 and "run `dvc repro download`" in proc.stderr
 
 
+@pytest.mark.slow
 def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
     raw = write_raw(tmp_path / "raw", n_train=3200, n_test=10)
     out = tmp_path / "profile.json"
@@ -117,23 +95,7 @@ def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
     assert all(c["forward_gflops"] > 0 and c["backward_gflops"] > 0 for c in convs)
 
 
-def test_throughput_rounds_give_medians_and_ratios_paired_by_round():
-    bench = load_benchmark()
-    seed = [{"samples_per_s": r, "peak_rss_mb": 800.0} for r in (2000.0, 1000.0, 2100.0)]
-    default = [{"samples_per_s": r, "first_epoch_samples_per_s": f, "peak_rss_mb": m}
-               for r, f, m in ((6000.0, 4000.0, 900.0), (3000.0, 2000.0, 950.0), (7350.0, 5000.0, 910.0))]  # fmt: skip
-    rows = bench.merge_rounds({"seed": seed, "default": default})
-    assert rows["seed"]["ratio_vs_seed"] == 1.0 and rows["seed"]["ratio_vs_seed_range"] == [1.0, 1.0]
-    row = rows["default"]
-    assert row["samples_per_s"] == 6000.0 and row["samples_per_s_rounds"] == [6000.0, 3000.0, 7350.0]
-    # round 2 hit a slow spell on both sides: paired with its own seed run it is still 3.0x, not 1.5x
-    assert row["ratio_vs_seed"] == 3.0 and row["ratio_vs_seed_range"] == [3.0, 3.5]
-    assert row["first_epoch_samples_per_s"] == 4000.0 and row["peak_rss_mb"] == 950.0
-    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2", "throughput_samples_per_epoch": 20000}
-    table = bench.markdown({"throughput": rows, "accuracy": {}, "datapath": {}, "machine": machine})
-    assert "median of 3 rounds" in table and "| default | 6000 | 3.0 | 3.0-3.5 | 4000 | 950 |" in table
-
-
+@pytest.mark.slow
 def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path):
     import yaml
 
@@ -142,7 +104,7 @@ def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path
     base["data"].update(subset=0, val_size=100)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(base))
-    out = tmp_path / "check.json"
+    out = tmp_path / "results" / "check.json"  # its folder is made
     cmd = [sys.executable, "-m", "scripts.recipe_check", "--params", str(params), "--data", str(raw)]
     proc = subprocess.run(
         [*cmd, "--recipe", "fast", "--set", "train.epochs=1", "--seeds", "0", "1", "--out", str(out)],
@@ -158,3 +120,17 @@ def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path
     bad = subprocess.run([*cmd, "--set", "trian.epochs=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: override section 'trian' is not a params section")
     assert "Traceback" not in bad.stderr
+
+
+def test_recipe_check_ends_a_failed_stage_in_one_line_without_a_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "scripts.recipe_check", "--data", str(tmp_path), "--seeds", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "error: the train stage (seed 0) failed (its error is above); nothing was written"
+    )
+    unknown = subprocess.run([*cmd, "--recipe", "fastest"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and unknown.stderr.startswith(
+        "error: recipe 'fastest' not found in recipes/; known: beyond, fast"
+    )

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
+from pipeline.evaluate import command as evaluate_command
 from pipeline.train import Paths, command
 from tests.conftest import TIMING_KEYS, accelerate_launcher, child_env, free_port, full_params, train_command, write_raw
 
@@ -117,13 +117,11 @@ def test_files_are_written_once_by_the_main_process(single, double):
 def test_distributed_eval_counts_every_test_sample_exactly_once(workdir, single, params, raw, processes):
     # 137 test samples, 16 per process per batch: never a multiple of processes x batch
     out = workdir / f"eval{processes}"
-    cmd = [sys.executable] if processes == 1 else accelerate_launcher(processes)
-    proc = launch(
-        [*cmd, "-m", "pipeline.evaluate", "--params", str(params), "--data", str(raw), "--model-dir",
-         str(single / "models"), "--out", str(out / "test.json"), "--eval-dir", str(out / "eval"),
-         "--cpu-threads", "1"],
-        cwd=workdir,
-    )  # fmt: skip
+    launcher = accelerate_launcher(processes) if processes > 1 else []
+    cmd = evaluate_command(
+        params, raw, single / "models", out / "test.json", out / "eval", launcher, "--cpu-threads", "1"
+    )
+    proc = launch(cmd, cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "test.json").read_text())
     assert metrics["samples"] == 137

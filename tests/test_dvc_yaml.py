@@ -47,6 +47,13 @@ def test_train_runs_as_a_module_under_accelerate_launch_with_the_stages_own_comm
     assert cmd[cmd.index(" -m pipeline.train ") :].split() == expected
 
 
+def test_evaluate_runs_the_stages_own_command_line():
+    from pipeline.evaluate import command as evaluate_command
+
+    paths = [Path(p) for p in ("params.yaml", "data/raw", "models", "metrics/test.json", "eval")]
+    assert STAGES["evaluate"]["cmd"].split() == ["python", *evaluate_command(*paths)[1:]]
+
+
 def test_metrics_files_are_declared_and_kept_in_git():
     declared = [next(iter(m)) for s in STAGES.values() for m in s.get("metrics", [])]
     assert declared == ["dvclive/train/metrics.json", "metrics/test.json"]

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from pipeline.errors import ParamsError
-from pipeline.params import Params, load_params, parse_params, training_params
+from pipeline.params import Params, assignment, load_params, parse_params, save_params, training_params, with_changes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,3 +146,22 @@ def test_overrides_lay_a_recipe_over_params_without_touching_the_original():
     assert with_overrides(raw, None) == raw
     with pytest.raises(ParamsError, match="'trian' is not a params section; allowed: train, model"):
         with_overrides(raw, {"trian": {"epochs": 7}})
+
+
+def test_layers_are_laid_over_a_complete_file_and_checked_as_a_whole():
+    params = load_params(REPO / "params.yaml", {"train": {"epochs": 3}}, assignment("train.lr=3e-3"))
+    assert params.train.epochs == 3 and params.train.lr == pytest.approx(0.003)
+    with pytest.raises(ParamsError, match=r"train\.epochs must be >= 1, got 0"):
+        load_params(REPO / "params.yaml", assignment("train.epochs=0"))
+
+
+@pytest.mark.parametrize("text", ["epochs=3", "train.epochs", ".epochs=3", "train.=3"])
+def test_an_assignment_that_is_not_section_key_value_is_refused(text):
+    with pytest.raises(ParamsError, match=r"is not SECTION\.KEY=VALUE \(e\.g\. train\.epochs=5\)"):
+        assignment(text)
+
+
+def test_saved_params_are_a_complete_file_that_reads_back_the_same(tmp_path):
+    params = with_changes(load_params(REPO / "params.yaml"), {"model": {"name": "bn_cnn"}, "train": {"cutout": 4}})
+    save_params(params, tmp_path / "params.yaml")
+    assert load_params(tmp_path / "params.yaml") == params

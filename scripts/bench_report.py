@@ -1,0 +1,144 @@
+"""The benchmark's numbers and tables: pure functions of the measured rows, no I/O (``scripts/benchmark.py``).
+
+Rows are plain dicts as the benchmark's jobs return them; nothing here changes its inputs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def time_to(curve: list[Row], target: float) -> float | None:
+    """Training seconds until the test accuracy first reaches ``target``; None if it never does."""
+    return next((p["train_s"] for p in curve if p["test_accuracy"] >= target), None)
+
+
+def merge_rounds(rounds: dict[str, list[dict]]) -> dict[str, dict]:
+    """One row per throughput variant from its rounds: medians, the per-round rates, and ratios to the seed loop.
+
+    Round ``r`` of every variant ran back to back, so ``rate_r / seed_rate_r`` compares runs made
+    minutes apart; the row's ratio is the median of those, with their range.
+    """
+    seed = [r["samples_per_s"] for r in rounds.get("seed", [])]
+    rows = {}
+    for name, runs in rounds.items():
+        rates = [r["samples_per_s"] for r in runs]
+        row = {**runs[0], "samples_per_s": round(statistics.median(rates), 1), "samples_per_s_rounds": rates}
+        if "first_epoch_samples_per_s" in runs[0]:
+            row["first_epoch_samples_per_s"] = round(statistics.median(r["first_epoch_samples_per_s"] for r in runs), 1)
+        for key in ("peak_rss_mb", "peak_gpu_mb"):
+            if key in runs[0]:
+                row[key] = max(r[key] for r in runs)
+        if len(seed) == len(rates):
+            ratios = [mine / theirs for mine, theirs in zip(rates, seed, strict=True)]
+            row["ratio_vs_seed"] = round(statistics.median(ratios), 2)
+            row["ratio_vs_seed_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+        else:
+            row["ratio_vs_seed"] = None
+        rows[name] = row
+    return rows
+
+
+def _versus_seed(mine: float | None, seed: Row | None, target: float) -> Row:
+    """Time to ``target`` and its ratio to the seed loop's (a lower bound when the seed loop never got there)."""
+    entry: Row = {"train_s": mine}
+    if seed is not None and mine:
+        theirs = time_to(seed["curve"], target)
+        entry["ratio_vs_seed"] = round((theirs or seed["train_s"]) / mine, 1)
+        entry["ratio_is_lower_bound"] = theirs is None
+    return entry
+
+
+def with_targets(row: Row, targets: list[float], seed: Row | None) -> Row:
+    """``row`` plus its final test accuracy and, per target, the time to it and the ratio to the seed loop."""
+    to_target = {f"{t:.3f}": _versus_seed(time_to(row["curve"], t), seed, t) for t in targets}
+    return {**row, "final_test_accuracy": row["curve"][-1]["test_accuracy"], "to_target": to_target}
+
+
+def seed_means(accuracy: dict[str, Row], seed: Row | None) -> dict[str, Row]:
+    """One ``NAME (mean)`` row per recipe run over several seeds (rows ``NAME/seedS``)."""
+    means = {}
+    for recipe in dict.fromkeys(k.partition("/seed")[0] for k in accuracy if "/seed" in k):
+        runs = [r for k, r in accuracy.items() if k.startswith(f"{recipe}/seed")]
+        to_target = {}
+        for t in runs[0]["to_target"]:
+            times = [r["to_target"][t]["train_s"] for r in runs]
+            mean = None if None in times else round(statistics.fmean(times), 2)
+            to_target[t] = _versus_seed(mean, seed, float(t))
+        means[f"{recipe} (mean)"] = {
+            "seeds": len(runs),
+            "final_test_accuracy": round(statistics.fmean(r["final_test_accuracy"] for r in runs), 5),
+            "train_s": round(statistics.fmean(r["train_s"] for r in runs), 2),
+            "samples_per_s": round(statistics.fmean(r["samples_per_s"] for r in runs), 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "to_target": to_target,
+        }
+    return means
+
+
+def data_share(recipe: str, row: Row, accuracy: dict[str, Row], throughput: dict[str, Row]) -> Row:
+    """``row`` (the data path's ms per batch) plus the step time at the recipe's measured rate, and its share."""
+    rate = accuracy.get(recipe, accuracy.get(f"{recipe} (mean)", {})).get("samples_per_s")
+    if recipe == "default" and "default" in throughput:
+        rate = throughput["default"]["samples_per_s"]
+    if not rate:
+        return dict(row)
+    step_ms = 1000 * row["batch_size"] / rate
+    return {**row, "step_ms": round(step_ms, 2), "data_share": round(row["data_ms_per_step"] / step_ms, 4)}
+
+
+def summarise(results: dict[str, dict[str, Row]], targets: list[float]) -> Row:
+    """The report: ratios to the seed loop, times to each target, seed means, and the data path's share of a step."""
+    seed = results["accuracy"].get("seed")
+    accuracy = {name: with_targets(row, targets, seed) for name, row in results["accuracy"].items()}
+    accuracy.update(seed_means(accuracy, seed))
+    throughput = results["throughput"]
+    datapath = {name: data_share(name, row, accuracy, throughput) for name, row in results["datapath"].items()}
+    return {"targets": targets, "throughput": throughput, "accuracy": accuracy, "datapath": datapath}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"\n{m['device']} ({m['processor']}, {m['cpus']} CPUs), torch {m['torch']}\n"]
+    gpu = m["device"] != "cpu"
+    mem = "| peak RSS (MB) |" + (" peak GPU (MB) |" if gpu else "")
+    if report["throughput"]:
+        n = max(len(r["samples_per_s_rounds"]) for r in report["throughput"].values())
+        rounds = f"{n} rounds" if n > 1 else "1 round"
+        lines += [f"Throughput ({m['throughput_samples_per_epoch']} samples per timed epoch; median of {rounds}, "
+                  "× seed: median of the per-round ratios, with their range):\n",
+                  "| variant | samples/s | × seed | × seed range | first epoch samples/s " + mem,
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]  # fmt: skip
+        for name, r in report["throughput"].items():
+            first = f"{r['first_epoch_samples_per_s']:.0f}" if "first_epoch_samples_per_s" in r else ""
+            spread = "-".join(map(str, r.get("ratio_vs_seed_range", [])))
+            lines.append(f"| {name} | {r['samples_per_s']:.0f} | {r['ratio_vs_seed']} | {spread} | {first} | "
+                         f"{r['peak_rss_mb']:.0f} |" + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))  # fmt: skip
+    if report["accuracy"]:
+        heads = " | ".join(f"to {float(t):.1%} (× seed)" for t in report["targets"])
+        lines += ["\nTime to test accuracy (training seconds, evaluation excluded):\n",
+                  f"| recipe | final test acc | train s | samples/s | {heads} " + mem,
+                  "|---|---:|---:|---:|" + "---:|" * (len(report["targets"]) + 1 + gpu)]  # fmt: skip
+        for name, r in report["accuracy"].items():
+            cells = []
+            for entry in r["to_target"].values():
+                if entry["train_s"] is None:
+                    cells.append("not reached")
+                else:
+                    ratio = entry.get("ratio_vs_seed")
+                    mark = ">" if entry.get("ratio_is_lower_bound") else ""
+                    cells.append(f"{entry['train_s']:.1f} s" + (f" ({mark}{ratio}×)" if ratio else ""))
+            lines.append(f"| {name} | {r['final_test_accuracy']:.4f} | {r['train_s']:.1f} | {r['samples_per_s']:.0f}"
+                         f" | {' | '.join(cells)} | {r['peak_rss_mb']:.0f} |"
+                         + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))  # fmt: skip
+    if report["datapath"]:
+        lines += ["\nDevice data path (index + flip + translate + cutout + to float) per global batch:\n",
+                  "| recipe | batch | data ms/step | step ms | data share |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name, r in report["datapath"].items():
+            share = f"{r['data_share']:.1%}" if "data_share" in r else ""
+            step = f"{r['step_ms']:.1f}" if "step_ms" in r else ""
+            lines.append(f"| {name} | {r['batch_size']} | {r['data_ms_per_step']:.2f} | {step} | {share} |")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+import copy
+
+from scripts.bench_report import markdown, merge_rounds, summarise
+
+
+def test_time_to_target_ratios_and_the_seed_loop_that_never_gets_there():
+    common = {"samples_per_s": 1000.0, "peak_rss_mb": 500.0}
+    seed = {**common, "train_s": 300.0, "curve": [{"train_s": 100.0, "test_accuracy": 0.89},
+                                        {"train_s": 300.0, "test_accuracy": 0.905}]}  # fmt: skip
+    fast = {**common, "train_s": 20.0, "curve": [{"train_s": 10.0, "test_accuracy": 0.902},
+                                       {"train_s": 20.0, "test_accuracy": 0.912}]}  # fmt: skip
+    slow = {**common, "train_s": 50.0, "curve": [{"train_s": 50.0, "test_accuracy": 0.85}]}
+    results = {"throughput": {}, "accuracy": {"seed": seed, "fast": fast, "slow": slow}, "datapath": {}}
+    before = copy.deepcopy(results)
+    report = summarise(results, [0.90, 0.91])
+    assert results == before  # the measured rows are left as they were
+    rows = report["accuracy"]
+    assert rows["fast"]["to_target"]["0.900"] == {"train_s": 10.0, "ratio_vs_seed": 30.0, "ratio_is_lower_bound": False}
+    # the seed loop never reached 91%: its whole 300 s run bounds its time from below
+    assert rows["fast"]["to_target"]["0.910"] == {"train_s": 20.0, "ratio_vs_seed": 15.0, "ratio_is_lower_bound": True}
+    assert rows["seed"]["to_target"]["0.910"] == {"train_s": None}
+    assert rows["slow"]["to_target"]["0.900"] == {"train_s": None} and rows["slow"]["final_test_accuracy"] == 0.85
+    per_seed = {"fast/seed0": fast, "fast/seed1": {**fast, "train_s": 30.0, "curve": [
+        {"train_s": 15.0, "test_accuracy": 0.90}, {"train_s": 30.0, "test_accuracy": 0.908}]}}  # fmt: skip
+    many = summarise({"throughput": {}, "accuracy": {"seed": seed, **per_seed}, "datapath": {}}, [0.90, 0.91])
+    mean = many["accuracy"]["fast (mean)"]
+    assert mean["seeds"] == 2 and mean["final_test_accuracy"] == 0.91 and mean["train_s"] == 25.0
+    assert mean["to_target"]["0.900"] == {"train_s": 12.5, "ratio_vs_seed": 24.0, "ratio_is_lower_bound": False}
+    assert mean["to_target"]["0.910"] == {"train_s": None}  # seed 1 never got there
+    table = markdown({**report, "machine": {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}})
+    assert "| fast | 0.9120 | 20.0 |" in table and "10.0 s (30.0×) | 20.0 s (>15.0×)" in table
+    assert "| slow | 0.8500 |" in table and "not reached | not reached" in table
+
+
+def test_throughput_rounds_give_medians_and_ratios_paired_by_round():
+    seed = [{"samples_per_s": r, "peak_rss_mb": 800.0} for r in (2000.0, 1000.0, 2100.0)]
+    default = [{"samples_per_s": r, "first_epoch_samples_per_s": f, "peak_rss_mb": m}
+               for r, f, m in ((6000.0, 4000.0, 900.0), (3000.0, 2000.0, 950.0), (7350.0, 5000.0, 910.0))]  # fmt: skip
+    rows = merge_rounds({"seed": seed, "default": default})
+    assert rows["seed"]["ratio_vs_seed"] == 1.0 and rows["seed"]["ratio_vs_seed_range"] == [1.0, 1.0]
+    row = rows["default"]
+    assert row["samples_per_s"] == 6000.0 and row["samples_per_s_rounds"] == [6000.0, 3000.0, 7350.0]
+    # round 2 hit a slow spell on both sides: paired with its own seed run it is still 3.0x, not 1.5x
+    assert row["ratio_vs_seed"] == 3.0 and row["ratio_vs_seed_range"] == [3.0, 3.5]
+    assert row["first_epoch_samples_per_s"] == 4000.0 and row["peak_rss_mb"] == 950.0
+    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2", "throughput_samples_per_epoch": 20000}
+    table = markdown({"throughput": rows, "accuracy": {}, "datapath": {}, "machine": machine})
+    assert "median of 3 rounds" in table and "| default | 6000 | 3.0 | 3.0-3.5 | 4000 | 950 |" in table
