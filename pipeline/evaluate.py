@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.dataset import CLASSES, load_split
+from pipeline.dataset import load_split
 from pipeline.errors import cli
 from pipeline.files import atomic_path, write_json
 from pipeline.metrics import classification_report, confusion_matrix
@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     preds, labels, losses = predict(accelerator, model, loader)
     assert len(preds) == len(test), f"counted {len(preds)} predictions for {len(test)} test samples"
 
+    info = artifact_info(args.model_dir)
+    classes = tuple(info["classes"])  # the artifact names its own classes
     cm = confusion_matrix(preds, labels, model_cfg.num_classes)
-    report = classification_report(cm, CLASSES)
+    report = classification_report(cm, classes)
     metrics = {
         "accuracy": report["accuracy"],
         "loss": round(float(losses.double().mean()), 6),
@@ -72,15 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out, metrics)
         write_json(
             eval_dir / "confusion.json",
-            {"classes": list(CLASSES), "rows": "true class", "columns": "predicted class", "counts": cm.tolist()},
+            {"classes": list(classes), "rows": "true class", "columns": "predicted class", "counts": cm.tolist()},
         )
         with atomic_path(eval_dir / "predictions.csv") as tmp:
-            write_predictions_csv(tmp, labels, preds, CLASSES)
+            write_predictions_csv(tmp, labels, preds, classes)
         with atomic_path(eval_dir / "per_class.csv") as tmp:
             write_per_class_csv(tmp, report["per_class_accuracy"])
         with atomic_path(eval_dir / "misclassified.png") as tmp:
-            label_grid(*misclassified(test.images, labels, preds, CLASSES)).save(tmp, format="PNG")
-        info = artifact_info(args.model_dir)
+            label_grid(*misclassified(test.images, labels, preds, classes)).save(tmp, format="PNG")
         worst = sorted(report["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
         say(
             accelerator,

@@ -160,11 +160,14 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ModelArtifactError(
             f"{path} names model {cfg.name!r}, which this version does not know ({', '.join(MODELS)})"
         )
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) != cfg.num_classes or not all(isinstance(c, str) for c in classes):
+        raise ModelArtifactError(f"{path} does not name its {cfg.num_classes} classes; run `dvc repro train`")
     return cfg
 
 
 def artifact_info(model_dir: str | Path) -> dict:
-    """The artifact's JSON (architecture plus what training recorded: final_model, epoch, val_accuracy)."""
+    """The artifact's JSON: architecture, class names, and what training recorded (final_model, epoch, ...)."""
     load_config(model_dir)  # validates
     return dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
 

@@ -27,6 +27,7 @@ ModelName = Literal["tutorial_cnn", "bn_cnn"]  # the models pipeline/model.py bu
 Precision = Literal["fp32", "bf16", "fp16"]
 MIXED_PRECISIONS: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # -> Accelerate's name
 assert tuple(MIXED_PRECISIONS) == typing.get_args(Precision)
+TRAIN_SECTIONS = ("data", "model", "train")  # the sections the train stage reads (its params in dvc.yaml)
 DEFAULT_SOURCES = (
     "/usr/share/datasets/fashion-mnist",
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -332,7 +333,7 @@ def training_params(params: Params) -> dict[str, Any]:
     The data, model and train sections, less the knobs declared with ``shapes_training=False``.
     """
     out: dict[str, Any] = {}
-    for section in ("data", "model", "train"):
+    for section in TRAIN_SECTIONS:
         values = getattr(params, section)
         for f in dataclasses.fields(values):
             if f.metadata.get("shapes_training", True):

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -45,7 +46,7 @@ from pipeline.errors import DataError, PipelineError, cli
 from pipeline.guard import Stopper, hold_checkpoint_dir, starters
 from pipeline.metrics import classification_report, confusion_matrix
 from pipeline.model import ModelConfig, build_model, save_artifact
-from pipeline.params import MIXED_PRECISIONS, Params, TrainParams, as_dict, load_params
+from pipeline.params import MIXED_PRECISIONS, TRAIN_SECTIONS, Params, TrainParams, as_dict, load_params
 from pipeline.plots import first_of_each_class, label_grid
 from pipeline.provenance import RunKey, environment, run_key
 from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table
@@ -199,8 +200,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.sums[LOSS] += loss.double() * len(idx)
+        with torch.no_grad():  # the logged loss is plain cross-entropy, as val/loss: no label smoothing
+            plain = nn.functional.cross_entropy(logits, labels) if cfg.label_smoothing else loss
+            self.sums[LOSS] += plain.double() * len(idx)
             self.sums[CORRECT] += (logits.argmax(1) == labels).sum()
             self.sums[SAMPLES] += len(idx)
         self.state.step += 1
@@ -429,11 +431,16 @@ def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path
     return Trainer(accelerator, model, optimizer, scheduler, train, val_loader, cfg, state, best, run_dir, live)
 
 
+def stage_params(params: Params) -> dict[str, Any]:
+    """The params this stage reads, flat (``"train.lr": 0.002``), as DVCLive records them beside the metrics."""
+    return {f"{s}.{k}": v for s in TRAIN_SECTIONS for k, v in as_dict(getattr(params, s)).items()}
+
+
 def start_logging(accelerator: Accelerator, params: Params, live_dir: Path, trainer: Trainer, parts: Parts) -> None:
     """DVCLive through Accelerate's tracker: the params, the epochs a resumed run did not see, a sample grid."""
     accelerator.init_trackers(
         "fashion-mnist",
-        config={k: v for k, v in _flat(as_dict(params)).items() if not k.startswith("download.")},
+        config=stage_params(params),
         init_kwargs={"dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}},
     )
     for i, row in enumerate(trainer.state.history, start=1):  # a resumed run rewrites the epochs it did not see
@@ -516,17 +523,6 @@ def train_and_export(
             ]
         ),
     )  # fmt: skip
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 if __name__ == "__main__":

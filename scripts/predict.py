@@ -23,7 +23,7 @@ import torch
 from pipeline.batches import to_input
 from pipeline.dataset import CLASSES, load_split
 from pipeline.errors import DataError, cli
-from pipeline.model import ModelConfig, load_artifact
+from pipeline.model import ModelConfig, artifact_info, load_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, cfg = load_artifact(args.model_dir)
     model.eval()
+    names_of = artifact_info(args.model_dir)["classes"]  # the artifact names its own classes
     if args.idx:
         test = load_split(args.data, "test")
         bad = [i for i in args.idx if not 0 <= i < len(test)]
@@ -79,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"--idx {bad[0]} is out of range; the test set has {len(test)} samples (0..{len(test) - 1})"
             )
         images = test.images[args.idx]
-        names = [f"test[{i}] (true: {CLASSES[int(test.labels[i])]})" for i in args.idx]
+        names = [f"test[{i}] (true: {names_of[int(test.labels[i])]})" for i in args.idx]
     else:
         images = torch.stack([read_image(Path(p), cfg, args.invert) for p in args.images])
         names = list(args.images)
-    probs, classes = top_k(model, images, args.top_k)
-    for name, p_row, c_row in zip(names, probs, classes, strict=True):
-        ranked = ", ".join(f"{CLASSES[int(c)]} {float(p):.3f}" for p, c in zip(p_row, c_row, strict=True))
+    probs, indices = top_k(model, images, args.top_k)
+    for name, p_row, c_row in zip(names, probs, indices, strict=True):
+        ranked = ", ".join(f"{names_of[int(c)]} {float(p):.3f}" for p, c in zip(p_row, c_row, strict=True))
         print(f"{name}: {ranked}")
     return 0
 

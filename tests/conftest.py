@@ -142,6 +142,16 @@ def set_params(repo: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(with_overrides(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
 
 
+def copy_repo(src: Path, dest: Path) -> Path:
+    """A private copy of the repo ``src`` (git history, DVC cache, workspace), for a test that changes it."""
+
+    def dvc_tmp(folder: str, names: list[str]) -> list[str]:  # DVC's locks and state: rebuilt by the copy's dvc
+        return ["tmp"] if Path(folder).name == ".dvc" else []
+
+    shutil.copytree(src, dest, symlinks=True, ignore=dvc_tmp)
+    return dest
+
+
 def project_repo(dest: Path, overrides: dict) -> Path:
     """A new git repo at ``dest`` holding the project's tracked files, with ``overrides`` committed in params."""
     if not DEBIAN.is_dir():

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import project_repo, sh
+from tests.conftest import child_env, copy_repo, project_repo, sh
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +32,34 @@ UP_TO_DATE = "Data and pipelines are up to date."
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return project_repo(tmp_path_factory.mktemp("record") / "repo", RECORD)
+def baseline(tmp_path_factory) -> tuple[Path, str]:
+    """A repo after a full `dvc repro`, committed, and its model md5. Tests change only their own copy (``repo``)."""
+    repo = project_repo(tmp_path_factory.mktemp("record") / "repo", RECORD)
+    sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline results")
+    return repo, model_md5(repo)
+
+
+@pytest.fixture(scope="module")
+def with_experiment(baseline, tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the baseline that also holds an experiment, lr-high, and that experiment's model md5."""
+    repo = copy_repo(baseline[0], tmp_path_factory.mktemp("experiment") / "repo")
+    sh(repo, "dvc", "exp", "run", "-n", "lr-high", "-S", "train.lr=0.004")
+    changed = model_md5(repo)
+    sh(repo, "git", "checkout", "--", ".")  # the workspace back at the baseline
+    sh(repo, "dvc", "checkout")
+    return repo, changed
+
+
+@pytest.fixture
+def first(baseline) -> str:
+    return baseline[1]
+
+
+@pytest.fixture
+def repo(baseline, tmp_path) -> Path:
+    return copy_repo(baseline[0], tmp_path / "repo")
 
 
 def model_md5(repo: Path) -> str:
@@ -53,15 +78,6 @@ def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}"
     path.write_text(text.replace(old, new, 1))
-
-
-@pytest.fixture(scope="module")
-def first(repo) -> str:
-    """The baseline: a full `dvc repro`, committed; returns its model md5."""
-    sh(repo, "dvc", "repro")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "baseline results")
-    return model_md5(repo)
 
 
 def test_a_code_change_retrains_and_reverting_it_gives_the_first_model_back(repo, first):
@@ -89,10 +105,9 @@ def test_repro_force_trains_from_scratch(repo, first):
 
 
 def start_repro(repo: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     with log.open("w") as f:
-        return subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=env, stdout=f,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=child_env(),
+                                stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def wait_for_checkpoint(repo: Path, proc: subprocess.Popen, step: int) -> None:
@@ -108,7 +123,7 @@ def wait_for_checkpoint(repo: Path, proc: subprocess.Popen, step: int) -> None:
 
 
 def trainers(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "pipeline.train" in p.cmdline()]
 
 
 def test_sigkill_mid_epoch_then_repro_resumes_to_the_uninterrupted_model(repo, first, tmp_path):
@@ -141,9 +156,8 @@ def test_sigterm_to_dvc_ends_the_trainer_and_the_run_resumes(repo, first, tmp_pa
     assert model_md5(repo) == first
 
 
-def test_exp_apply_of_an_experiment_and_of_the_baseline_keeps_the_pipeline_up_to_date(repo, first):
-    sh(repo, "dvc", "exp", "run", "-n", "lr-high", "-S", "train.lr=0.004")
-    changed = model_md5(repo)
+def test_exp_apply_of_an_experiment_and_of_the_baseline_keeps_the_pipeline_up_to_date(with_experiment, first, tmp_path):
+    repo, changed = copy_repo(with_experiment[0], tmp_path / "repo"), with_experiment[1]
     assert changed != first
     sh(repo, "dvc", "exp", "apply", "lr-high")
     assert model_md5(repo) == changed
@@ -154,11 +168,12 @@ def test_exp_apply_of_an_experiment_and_of_the_baseline_keeps_the_pipeline_up_to
     assert_up_to_date(repo)
 
 
-def test_git_checkout_then_dvc_checkout_keeps_the_pipeline_up_to_date(repo, first):
+def test_git_checkout_then_dvc_checkout_keeps_the_pipeline_up_to_date(with_experiment, first, tmp_path):
+    repo = copy_repo(with_experiment[0], tmp_path / "repo")
     sh(repo, "dvc", "exp", "branch", "lr-high", "lr-high-branch")
     sh(repo, "git", "checkout", "-q", "lr-high-branch")
     sh(repo, "dvc", "checkout")
-    assert model_md5(repo) != first
+    assert model_md5(repo) == with_experiment[1]
     assert_up_to_date(repo)
     sh(repo, "git", "checkout", "-q", "-")
     sh(repo, "dvc", "checkout")

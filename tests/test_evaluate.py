@@ -74,3 +74,20 @@ def test_predict_returns_one_row_per_sample(tiny_raw):
     model, loader = accelerator.prepare(model, eval_loader(load_split(tiny_raw, "test"), 64))
     preds, labels, losses = predict(accelerator, model, loader)
     assert preds.shape == labels.shape == losses.shape == (137,)
+
+
+def test_classes_are_named_as_the_artifact_names_them(tmp_path, tiny_raw, write_params):
+    names = [f"class {i}" for i in range(10)]
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "named", extra={"classes": names})
+    assert run_eval(tmp_path, write_params(), tmp_path / "named") == 0
+    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    assert list(metrics["per_class_accuracy"]) == names
+    assert json.loads((tmp_path / "eval" / "confusion.json").read_text())["classes"] == names
+
+
+def test_an_artifact_that_does_not_name_its_classes_is_refused(tmp_path, tiny_raw, write_params, capsys):
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "bad", extra={"classes": ["only", "two"]})
+    with pytest.raises(SystemExit) as info:
+        run_eval(tmp_path, write_params(), tmp_path / "bad")
+    assert info.value.code == 2
+    assert "does not name its 10 classes; run `dvc repro train`" in capsys.readouterr().err

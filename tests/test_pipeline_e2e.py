@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.dataset import CLASSES
-from tests.conftest import project_repo, set_params, sh
+from tests.conftest import copy_repo, project_repo, set_params, sh
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -25,13 +25,38 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A fresh git repo holding the project's tracked files, with small params committed."""
-    return project_repo(tmp_path_factory.mktemp("e2e") / "repo", SMALL)
+def reproduced(tmp_path_factory) -> tuple[Path, str]:
+    """A fresh git repo of the project's tracked files with small params, after one `dvc repro`, and its output.
+
+    Tests that change a repo change their own copy of it.
+    """
+    repo = project_repo(tmp_path_factory.mktemp("e2e") / "repo", SMALL)
+    return repo, sh(repo, "dvc", "repro").stdout
 
 
-def test_repro_runs_all_stages_and_writes_declared_metrics(repo):
-    out = sh(repo, "dvc", "repro").stdout
+@pytest.fixture(scope="module")
+def experiments(reproduced, tmp_path_factory) -> Path:
+    """A copy with a committed baseline (train.lr 0.004) and two experiments; the workspace holds the last, lr-low."""
+    repo = copy_repo(reproduced[0], tmp_path_factory.mktemp("exps") / "repo")
+    set_params(repo, {"train": {"lr": 0.004}})
+    sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline results")
+    for name, lr in EXPERIMENTS.items():
+        sh(repo, "dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}")
+    return repo
+
+
+@pytest.fixture
+def repo(reproduced) -> Path:
+    return reproduced[0]
+
+
+EXPERIMENTS = {"lr-high": "0.008", "lr-low": "0.001"}
+
+
+def test_repro_runs_all_stages_and_writes_declared_metrics(reproduced):
+    repo, out = reproduced
     for stage in ("download", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     test = json.loads((repo / "metrics" / "test.json").read_text())
@@ -103,32 +128,28 @@ def test_plots_page_renders_in_headless_chromium_with_networking_off(repo, tmp_p
         shutil.copy(shot, os.environ["PLOTS_SCREENSHOT"])
 
 
-def test_changing_a_train_param_reruns_train_and_evaluate_only(repo):
+def test_changing_a_train_param_reruns_train_and_evaluate_only(reproduced, tmp_path):
+    repo = copy_repo(reproduced[0], tmp_path / "repo")
     set_params(repo, {"train": {"lr": 0.004}})
     out = sh(repo, "dvc", "repro").stdout
     assert "Stage 'download' didn't change, skipping" in out
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "baseline results")
 
 
-def test_exp_run_with_a_new_lr_shows_in_metrics_and_params_diff(repo):
-    sh(repo, "dvc", "exp", "run", "-S", "train.lr=3e-3")
-    metrics = json.loads(sh(repo, "dvc", "metrics", "diff", "--json").stdout)
+def test_exp_run_with_a_new_lr_shows_in_metrics_and_params_diff(experiments):
+    metrics = json.loads(sh(experiments, "dvc", "metrics", "diff", "--json").stdout)  # lr-low against the baseline
     assert metrics, "dvc metrics diff shows no change"
     changed = json.dumps(metrics)
     assert "metrics/test.json" in changed and "accuracy" in changed
-    params = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
+    params = json.loads(sh(experiments, "dvc", "params", "diff", "--json").stdout)
     lr = params["params.yaml"]["train.lr"]
-    assert (lr["old"], lr["new"]) == (0.004, 0.003)
+    assert (lr["old"], lr["new"]) == (0.004, 0.001)
 
 
-def test_exp_apply_restores_the_model_behind_each_experiments_metrics(repo, tmp_path):
-    experiments = {"lr-high": "0.008", "lr-low": "0.001"}
-    for name, lr in experiments.items():
-        sh(repo, "dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}")
+def test_exp_apply_restores_the_model_behind_each_experiments_metrics(experiments, tmp_path):
+    repo = copy_repo(experiments, tmp_path / "repo")
     weights = {}
-    for name in experiments:
+    for name in EXPERIMENTS:
         sh(repo, "dvc", "exp", "apply", name)
         recorded = (repo / "metrics" / "test.json").read_bytes()
         weights[name] = (repo / "models" / "model.safetensors").read_bytes()
@@ -138,8 +159,8 @@ def test_exp_apply_restores_the_model_behind_each_experiments_metrics(repo, tmp_
     assert weights["lr-high"] != weights["lr-low"]
 
 
-def test_plots_diff_of_two_experiments_overlays_curves_and_shows_both_confusion_matrices(repo):
-    shown = json.loads(sh(repo, "dvc", "plots", "diff", "lr-high", "lr-low", "--json").stdout)["data"]
+def test_plots_diff_of_two_experiments_overlays_curves_and_shows_both_confusion_matrices(experiments):
+    shown = json.loads(sh(experiments, "dvc", "plots", "diff", "lr-high", "lr-low", "--json").stdout)["data"]
     for title in PLOT_TITLES:
         assert set(shown[title][0]["revisions"]) == {"lr-high", "lr-low"}, title
     curve_revs = {row["rev"] for row in shown["Loss by epoch"][0]["content"]["data"]["values"]}
@@ -148,7 +169,8 @@ def test_plots_diff_of_two_experiments_overlays_curves_and_shows_both_confusion_
     assert {rev for item in images for rev in item["revisions"]} == {"lr-high", "lr-low"}
 
 
-def test_a_registered_model_version_downloads_with_dvc_artifacts_get(repo, tmp_path):
+def test_a_registered_model_version_downloads_with_dvc_artifacts_get(experiments, tmp_path):
+    repo = copy_repo(experiments, tmp_path / "repo")
     sh(repo, "git", "tag", "-a", "fashion-cnn@v1.0.0", "-m", "register the baseline model")  # GTO's tag format
     sh(repo, "dvc", "artifacts", "get", str(repo), "fashion-cnn", "-o", str(tmp_path / "got"))
     assert sorted(p.name for p in (tmp_path / "got").iterdir()) == ["model.json", "model.safetensors"]
@@ -159,7 +181,8 @@ def test_a_registered_model_version_downloads_with_dvc_artifacts_get(repo, tmp_p
     assert out.read_text() == registered  # it is the model whose metrics that version recorded
 
 
-def test_repro_honours_the_accelerate_config_file_and_keeps_the_answer(repo):
+def test_repro_honours_the_accelerate_config_file_and_keeps_the_answer(reproduced, tmp_path):
+    repo = copy_repo(reproduced[0], tmp_path / "repo")
     before = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
     config = str(repo / "scripts" / "accelerate" / "cpu-2proc.yaml")
     out = sh(repo, "dvc", "repro", "--force", "--single-item", "train", ACCELERATE_CONFIG_FILE=config).stdout
@@ -174,7 +197,8 @@ def test_repro_honours_the_accelerate_config_file_and_keeps_the_answer(repo):
     assert after["train"]["loss"] == pytest.approx(before["train"]["loss"], abs=1e-4)
 
 
-def test_bad_param_fails_the_stage_with_one_line_and_no_traceback(repo):
+def test_bad_param_fails_the_stage_with_one_line_and_no_traceback(reproduced, tmp_path):
+    repo = copy_repo(reproduced[0], tmp_path / "repo")
     set_params(repo, {"train": {"lr": -1}})
     proc = sh(repo, "dvc", "repro", "train", check=False)
     assert proc.returncode != 0

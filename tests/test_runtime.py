@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -14,12 +16,17 @@ def test_cpu_threads_default_to_the_cores_split_across_local_processes(requested
     assert cpu_threads_for(requested, cores, local) == expected
 
 
-def test_accelerator_overrides_the_launchers_single_thread_default(monkeypatch):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the thread count is set on CPU only")
+def test_accelerator_sets_the_requested_thread_count_over_the_launchers_default(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` exports on CPU
     before = torch.get_num_threads()
+    requested = (os.cpu_count() or 1) + 1  # a count neither torch nor the launcher would pick
+    torch.set_num_threads(1)
     try:
-        make_accelerator(cpu_threads=2)
-        assert torch.get_num_threads() == 2
+        make_accelerator(cpu_threads=requested)
+        assert torch.get_num_threads() == requested
+        make_accelerator(cpu_threads=0)  # 0: this host's cores, for its one process
+        assert torch.get_num_threads() == cpu_threads_for(0, os.cpu_count(), 1)
     finally:
         torch.set_num_threads(before)
 
@@ -29,9 +36,8 @@ def test_negative_thread_count_is_refused():
         make_accelerator(cpu_threads=-1)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is fine on a GPU")
 def test_fp16_on_cpu_is_refused_instead_of_silently_running_fp32():
-    if torch.cuda.is_available():
-        pytest.skip("fp16 is fine on a GPU")
     with pytest.raises(PipelineError, match="fp16 mixed precision needs a GPU.*bf16"):
         make_accelerator(mixed_precision="fp16")
 
