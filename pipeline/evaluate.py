@@ -14,28 +14,32 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.dataset import load_split
+import torch
+from accelerate import Accelerator
+
+from pipeline.dataset import Split, load_split
 from pipeline.errors import cli
 from pipeline.files import atomic_path, write_json
 from pipeline.metrics import classification_report, confusion_matrix
 from pipeline.model import artifact_info, load_artifact
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 from pipeline.plots import label_grid, misclassified, write_per_class_csv, write_predictions_csv
-from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table
+from pipeline.runtime import add_common_args, add_path_args, eval_loader, make_accelerator, predict, say, summary_table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate the trained model on the Fashion-MNIST test set.")
     add_common_args(p)
-    p.add_argument("--model-dir", default="models", help="model artifact folder (default: %(default)s)")
-    p.add_argument("--out", default="metrics/test.json", help="metrics JSON to write (default: %(default)s)")
-    p.add_argument(
-        "--eval-dir",
-        default="eval",
-        help="confusion.json, predictions.csv, per_class.csv and misclassified.png go here (default: %(default)s)",
-    )
+    where = "confusion.json, predictions.csv, per_class.csv and misclassified.png go here"
+    add_path_args(
+        p,
+        {"--model-dir": ("models", "model artifact folder"), "--out": ("metrics/test.json", "metrics JSON to write"),
+         "--eval-dir": ("eval", where)},
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -47,57 +51,77 @@ def command(
             "--model-dir", str(model_dir), "--out", str(out), "--eval-dir", str(eval_dir), *extra]  # fmt: skip
 
 
-@cli
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    params = load_params(args.params)
-    start = time.perf_counter()
-    accelerator = make_accelerator(args.cpu_threads)
-    model, model_cfg = load_artifact(args.model_dir)
-    test = load_split(args.data, "test", params.data.subset)
+@dataclass(frozen=True)
+class Scored:
+    """Every test sample's prediction, gathered from all processes, and what follows from them."""
+
+    test: Split
+    preds: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]  # as the artifact names them
+    counts: torch.Tensor  # confusion matrix: rows are true classes
+    metrics: dict[str, Any]  # metrics/test.json
+
+
+def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params) -> Scored:
+    """Predict every test sample once, on however many processes, and score the predictions."""
+    model, model_cfg = load_artifact(model_dir)
+    test = load_split(data, "test", params.data.subset)
     model, loader = accelerator.prepare(model, eval_loader(test, params.evaluate.batch_size))
     preds, labels, losses = predict(accelerator, model, loader)
     assert len(preds) == len(test), f"counted {len(preds)} predictions for {len(test)} test samples"
-
-    info = artifact_info(args.model_dir)
-    classes = tuple(info["classes"])  # the artifact names its own classes
-    cm = confusion_matrix(preds, labels, model_cfg.num_classes)
-    report = classification_report(cm, classes)
+    classes = tuple(artifact_info(model_dir)["classes"])
+    counts = confusion_matrix(preds, labels, model_cfg.num_classes)
+    report = classification_report(counts, classes)
     metrics = {
         "accuracy": report["accuracy"],
         "loss": round(float(losses.double().mean()), 6),
         "samples": report["samples"],
         "per_class_accuracy": report["per_class_accuracy"],
     }
+    return Scored(test, preds, labels, classes, counts, metrics)
+
+
+def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
+    """The metrics file and what `dvc plots` draws: confusion counts, per-sample and per-class tables, a grid."""
+    s = scored
+    write_json(out, s.metrics)
+    confusion = {"classes": list(s.classes), "rows": "true class", "columns": "predicted class"}
+    write_json(eval_dir / "confusion.json", {**confusion, "counts": s.counts.tolist()})
+    with atomic_path(eval_dir / "predictions.csv") as tmp:
+        write_predictions_csv(tmp, s.labels, s.preds, s.classes)
+    with atomic_path(eval_dir / "per_class.csv") as tmp:
+        write_per_class_csv(tmp, s.metrics["per_class_accuracy"])
+    with atomic_path(eval_dir / "misclassified.png") as tmp:
+        label_grid(*misclassified(s.test.images, s.labels, s.preds, s.classes)).save(tmp, format="PNG")
+
+
+def summary(scored: Scored, model_dir: Path, out: Path, eval_dir: Path, seconds: float) -> str:
+    info, metrics = artifact_info(model_dir), scored.metrics
+    worst = sorted(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
+    return summary_table(
+        [
+            ("model", f"{model_dir}/ ({info['model']['name']}, {info.get('final_model', '?')} weights of "
+                      f"epoch {info.get('epoch', '?')}, val accuracy {info.get('val_accuracy', float('nan')):.4f})"),
+            ("test accuracy", f"{metrics['accuracy']:.4f} (loss {metrics['loss']:.4f}, {metrics['samples']} samples)"),
+            ("worst classes", ", ".join(f"{k} {v:.3f}" for k, v in worst)),
+            ("time", f"{seconds:.1f}s"),
+            ("artifacts", f"{out}; {eval_dir}/ (confusion, per-class, misclassified.png)"),
+        ]
+    )  # fmt: skip
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    start = time.perf_counter()
+    accelerator = make_accelerator(args.cpu_threads)
+    paths = Path(args.model_dir), Path(args.out), Path(args.eval_dir)
+    scored = score(accelerator, paths[0], Path(args.data), params)
     if accelerator.is_main_process:
-        eval_dir = Path(args.eval_dir)
-        write_json(args.out, metrics)
-        write_json(
-            eval_dir / "confusion.json",
-            {"classes": list(classes), "rows": "true class", "columns": "predicted class", "counts": cm.tolist()},
-        )
-        with atomic_path(eval_dir / "predictions.csv") as tmp:
-            write_predictions_csv(tmp, labels, preds, classes)
-        with atomic_path(eval_dir / "per_class.csv") as tmp:
-            write_per_class_csv(tmp, report["per_class_accuracy"])
-        with atomic_path(eval_dir / "misclassified.png") as tmp:
-            label_grid(*misclassified(test.images, labels, preds, classes)).save(tmp, format="PNG")
-        worst = sorted(report["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
-        say(
-            accelerator,
-            summary_table(
-                [
-                    ("model", f"{args.model_dir}/ ({model_cfg.name}, {info.get('final_model', '?')} weights of "
-                              f"epoch {info.get('epoch', '?')}, "
-                              f"val accuracy {info.get('val_accuracy', float('nan')):.4f})"),
-                    ("test accuracy", f"{metrics['accuracy']:.4f} (loss {metrics['loss']:.4f}, "
-                                      f"{metrics['samples']} samples)"),
-                    ("worst classes", ", ".join(f"{k} {v:.3f}" for k, v in worst)),
-                    ("time", f"{time.perf_counter() - start:.1f}s"),
-                    ("artifacts", f"{args.out}; {eval_dir}/ (confusion, per-class, misclassified.png)"),
-                ]
-            ),
-        )  # fmt: skip
+        write_outputs(scored, paths[1], paths[2])
+        say(accelerator, summary(scored, *paths, time.perf_counter() - start))
     accelerator.wait_for_everyone()
     return 0
 

@@ -16,10 +16,17 @@ from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 
 
+def add_path_args(p: argparse.ArgumentParser, paths: dict[str, tuple[str, str]]) -> None:
+    """One ``--flag PATH`` argument per entry of ``paths`` (flag -> (default, what it holds))."""
+    for flag, (default, what) in paths.items():
+        p.add_argument(flag, default=default, help=f"{what} (default: %(default)s)")
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """The arguments every stage that runs a model shares: params file, data folder, CPU threads."""
-    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    p.add_argument("--data", default="data/raw", help="folder with the four IDX files (default: %(default)s)")
+    add_path_args(
+        p, {"--params": ("params.yaml", "params file"), "--data": ("data/raw", "folder with the four IDX files")}
+    )
     p.add_argument(
         "--cpu-threads",
         type=int,

@@ -49,17 +49,17 @@ from pipeline.model import ModelConfig, build_model, save_artifact
 from pipeline.params import MIXED_PRECISIONS, TRAIN_SECTIONS, Params, TrainParams, as_dict, load_params
 from pipeline.plots import first_of_each_class, label_grid
 from pipeline.provenance import RunKey, environment, run_key
-from pipeline.runtime import add_common_args, eval_loader, make_accelerator, predict, say, summary_table
+from pipeline.runtime import add_common_args, add_path_args, eval_loader, make_accelerator, predict, say, summary_table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the Fashion-MNIST CNN with Hugging Face Accelerate.")
     add_common_args(p)
-    p.add_argument("--model-dir", default="models", help="where the model artifact goes (default: %(default)s)")
-    p.add_argument("--live-dir", default="dvclive/train", help="DVCLive metrics and plots (default: %(default)s)")
-    p.add_argument(
-        "--checkpoint-dir", default="checkpoints", help="training state, resumed after a kill (default: %(default)s)"
-    )
+    add_path_args(
+        p,
+        {"--model-dir": ("models", "where the model artifact goes"), "--live-dir": ("dvclive/train", "DVCLive metrics "
+         "and plots"), "--checkpoint-dir": ("checkpoints", "training state, resumed after a kill")},
+    )  # fmt: skip
     p.add_argument(
         "--fresh", action="store_true", help="remove this run's checkpoints and start from scratch (others are kept)"
     )
