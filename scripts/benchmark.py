@@ -102,7 +102,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     p.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), help="throughput rows")
-    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="time-to-accuracy rows")
+    p.add_argument(
+        "--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="time-to-accuracy and data-path rows"
+    )
     p.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.91], help="test accuracies to time")
     p.add_argument(
         "--repeats",
@@ -163,7 +165,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
         jobs += [Job("accuracy", "seed")]
         jobs += [Job("accuracy", r, s, per_seed) for r in args.recipes for s in args.seeds]
     if "datapath" in args.parts:
-        jobs += [Job("datapath", r) for r in RECIPES]
+        jobs += [Job("datapath", r) for r in args.recipes]
     return jobs
 
 
