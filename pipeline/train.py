@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +27,24 @@ from accelerate.utils import (
     set_seed,
 )
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from pipeline.batches import augment, local_batch, rank_batches, steps_per_epoch, to_input
+from pipeline.batches import local_batch, steps_per_epoch
 from pipeline.checkpoint import (
     Checkpoint,
-    EpochSums,
     Expected,
     TrainState,
     open_run,
     remove_run,
-    save_checkpoint,
 )
 from pipeline.dataset import CLASSES, Split, load_split, train_val_split
 from pipeline.errors import DataError, PipelineError, cli
 from pipeline.guard import Stopper, hold_checkpoint_dir, starters
-from pipeline.metrics import classification_report, confusion_matrix
 from pipeline.model import ModelConfig, build_model, save_artifact
 from pipeline.params import MIXED_PRECISIONS, TRAIN_SECTIONS, Params, TrainParams, as_dict, load_params
 from pipeline.plots import first_of_each_class, label_grid
 from pipeline.provenance import RunKey, environment, run_key
-from pipeline.runtime import add_common_args, add_path_args, eval_loader, make_accelerator, predict, say, summary_table
+from pipeline.runtime import add_common_args, add_path_args, eval_loader, make_accelerator, say, summary_table
+from pipeline.trainer import Trainer, make_optimizer, make_schedule
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,23 +64,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep the run's checkpoints after it finishes (default: removed once the model is written)",
     )
     return p.parse_args(argv)
-
-
-def make_schedule(
-    optimizer: torch.optim.Optimizer, cfg: TrainParams, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """The per-step learning-rate schedule ``cfg.schedule`` names."""
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
-    """AdamW with the kernels ``cfg.optimizer_impl`` asks for (auto: torch's own choice per device)."""
-    impl = cfg.optimizer_impl
-    foreach = {"for_loop": False, "foreach": True}.get(impl)  # None: torch decides
-    fused = True if impl == "fused" else None
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused)
 
 
 def check_compiler(cfg: TrainParams) -> None:
@@ -115,178 +93,6 @@ def check_sizes(params: Params, train: Split, world: int) -> None:
             f"train.batch_size ({b}) is larger than the {len(train)} training samples left after validation; "
             "lower it, or raise data.subset"
         )
-
-
-LOSS, CORRECT, SAMPLES = range(len(fields(EpochSums)))  # EpochSums' fields, as positions in Trainer.sums
-
-
-class Trainer:
-    """The training loop around one prepared model, with its checkpointable state."""
-
-    def __init__(
-        self,
-        accelerator: Accelerator,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        train: Split,
-        val_loader: DataLoader,
-        cfg: TrainParams,
-        state: TrainState,
-        best: dict[str, torch.Tensor] | None,
-        run_dir: Path,
-        live: bool,
-    ) -> None:
-        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.train, self.val_loader, self.cfg, self.state, self.run_dir = train, val_loader, cfg, state, run_dir
-        self.best = best
-        self.live = live  # whether DVCLive records the rows (else they are only printed)
-        self.steps = steps_per_epoch(len(train), cfg.batch_size)
-        self.device = accelerator.device
-        # the epoch's EpochSums on the device, in its field order (LOSS, CORRECT, SAMPLES); the main process
-        # carries the folded totals of all processes up to the last checkpoint, the others their own since then
-        own = state.sums if accelerator.is_main_process else EpochSums()
-        self.sums = torch.tensor(astuple(own), dtype=torch.float64, device=self.device)
-
-    def fold_sums(self) -> EpochSums:
-        """Sum the epoch statistics over processes; keep the total on the main process only.
-
-        Done at every checkpoint, in the uninterrupted run as in a resumed one, so both add
-        the same numbers in the same order.
-        """
-        total = self.accelerator.reduce(self.sums.clone(), reduction="sum")
-        self.sums.copy_(total if self.accelerator.is_main_process else torch.zeros_like(total))
-        return EpochSums(*(float(x) for x in total.tolist()))
-
-    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        """This process's (indices, flip, shift, cutout centre) for the rest of ``epoch``, on the device."""
-        accelerator, cfg = self.accelerator, self.cfg
-        return rank_batches(
-            len(self.train),
-            cfg.batch_size,
-            cfg.seed,
-            epoch,
-            accelerator.process_index,
-            accelerator.num_processes,
-            self.state.step,
-            max_shift=cfg.translate,
-            cutout=cfg.cutout,
-            device=self.device,
-        )
-
-    def progress_bar(self, epoch: int) -> tqdm:
-        """A live bar on a terminal; logs (CI, ``dvc repro > file``) get only the one line per epoch."""
-        cfg = self.cfg
-        return tqdm(
-            total=self.steps * cfg.batch_size,
-            initial=self.state.step * cfg.batch_size,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="sample",
-            unit_scale=True,
-            leave=False,
-            disable=not (self.accelerator.is_main_process and sys.stderr.isatty()),
-        )
-
-    def step(self, idx: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on this process's shard of a global batch; adds to the epoch's sums."""
-        cfg = self.cfg
-        images, labels = self.train.images[idx], self.train.labels[idx]
-        inputs = to_input(augment(images, flip, shift, centers, cfg.hflip, cfg.translate, cfg.cutout))
-        if cfg.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        logits = self.model(inputs)
-        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-        self.accelerator.backward(loss)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # the logged loss is plain cross-entropy, as val/loss: no label smoothing
-            plain = nn.functional.cross_entropy(logits, labels) if cfg.label_smoothing else loss
-            self.sums[LOSS] += plain.double() * len(idx)
-            self.sums[CORRECT] += (logits.argmax(1) == labels).sum()
-            self.sums[SAMPLES] += len(idx)
-        self.state.step += 1
-        self.state.global_step += 1
-        return loss
-
-    def train_epoch(self, epoch: int) -> tuple[float, float]:
-        """Finish ``epoch`` from ``state.step``; returns (mean loss, accuracy) over all processes."""
-        self.model.train()
-        every = self.cfg.checkpoint_every_steps
-        with self.progress_bar(epoch) as bar:
-            for batch in self.batches(epoch):
-                loss = self.step(*batch)
-                if not bar.disable:
-                    bar.update(self.cfg.batch_size)
-                    if self.state.step % 20 == 0:
-                        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                if every and self.state.global_step % every == 0 and self.state.step < self.steps:
-                    self.save()
-        sums = self.fold_sums()
-        self.sums.zero_()
-        return sums.loss / sums.samples, sums.correct / sums.samples
-
-    def run_epoch(self, epoch: int) -> None:
-        """One whole epoch: train (from ``state.step``), validate, log its row, checkpoint."""
-        accelerator, cfg = self.accelerator, self.cfg
-        t0 = time.perf_counter()
-        first_step = self.state.step
-        loss, accuracy = self.train_epoch(epoch)
-        train_time = time.perf_counter() - t0
-        if not math.isfinite(loss):
-            raise DataError(f"training diverged at epoch {epoch + 1} (loss {loss}); lower train.lr")
-        preds, labels, losses = predict(accelerator, self.model, self.val_loader)
-        report = classification_report(confusion_matrix(preds, labels, len(CLASSES)), CLASSES)
-        val_loss = float(losses.double().mean())
-        local = (self.steps - first_step) * cfg.batch_size  # samples this run trained in this epoch
-        row = {
-            "train/loss": round(loss, 6),
-            "train/accuracy": round(accuracy, 6),
-            "val/loss": round(val_loss, 6),
-            "val/accuracy": report["accuracy"],
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "epoch_time_s": round(time.perf_counter() - t0, 3),
-            "samples_per_s": round(local / train_time, 1),
-        }
-        if accelerator.device.type == "cuda":
-            row["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        accelerator.log(row, step=epoch + 1)  # DVCLive's step is the epoch, counted from 1
-        say(
-            accelerator,
-            f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss:.4f} acc {accuracy:.4f}  "
-            f"val loss {val_loss:.4f} acc {report['accuracy']:.4f}  {row['samples_per_s']:.0f} samples/s",
-        )
-        self.end_epoch(row, report["accuracy"])
-
-    def end_epoch(self, row: dict[str, float], val_accuracy: float) -> None:
-        """Record a finished epoch (and the best weights so far), then checkpoint it."""
-        st = self.state
-        if val_accuracy > st.best_val:
-            st.best_val, st.best_epoch = val_accuracy, st.epoch
-            if self.accelerator.is_main_process:
-                self.best = {k: v.detach().cpu().clone() for k, v in self.weights().items()}
-        st.history.append(row)
-        st.epoch, st.step = st.epoch + 1, 0
-        self.save(fold=False)
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
-
-    def save(self, fold: bool = True) -> None:
-        """Checkpoint on the main process; every process takes part and waits for it."""
-        self.state.sums = self.fold_sums() if fold else EpochSums()
-        if self.accelerator.is_main_process:
-            assert self.best is not None or self.state.best_epoch < 0
-            save_checkpoint(
-                self.run_dir,
-                self.state,
-                model=self.weights(),
-                best=self.best if self.best is not None else self.weights(),
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                keep=self.cfg.keep_checkpoints,
-            )
-        self.accelerator.wait_for_everyone()
 
 
 def resume_or_start(

@@ -22,9 +22,9 @@ from tests.conftest import child_env, copy_repo, project_repo, sh
 
 pytestmark = pytest.mark.slow
 
-# 5,000 training samples in 100 steps of 50 per epoch, a checkpoint every 10 steps: long enough to kill mid-epoch
+# 2,500 training samples in 50 steps of 50 per epoch, a checkpoint every 10 steps: long enough to kill mid-epoch
 RECORD = {
-    "data": {"subset": 6000, "val_size": 1000},
+    "data": {"subset": 3000, "val_size": 500},
     "train": {"epochs": 2, "batch_size": 50, "checkpoint_every_steps": 10},
     "evaluate": {"batch_size": 1000},
 }
@@ -111,7 +111,7 @@ def start_repro(repo: Path, log: Path) -> subprocess.Popen:
 
 
 def wait_for_checkpoint(repo: Path, proc: subprocess.Popen, step: int) -> None:
-    """Until a checkpoint at ``step`` or later exists in the run's folder (mid-epoch 1 for step < 100)."""
+    """Until a checkpoint at ``step`` or later exists in the run's folder (mid-epoch 1 for step < 50)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         steps = [int(p.name.removeprefix("step-")) for p in (repo / "checkpoints").glob("*/step-*")]

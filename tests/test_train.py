@@ -328,7 +328,7 @@ def test_compiled_training_writes_a_plain_artifact_close_to_eager(tmp_path, tiny
 def test_optimizer_impl_picks_the_adamw_kernels():
     from pipeline.model import ModelConfig, build_model
     from pipeline.params import TrainParams
-    from pipeline.train import make_optimizer
+    from pipeline.trainer import make_optimizer
 
     model = build_model(ModelConfig())
     kernels = {
