@@ -7,6 +7,7 @@ turns a uint8 batch into floats on whatever device it already lives on.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -20,12 +21,17 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 
 
 # one random stream per use, so turning one augmentation on leaves the others' draws unchanged
-ORDER, FLIP, SHIFT, CUTOUT = 0, 7_919, 104_729, 15_485_863
+ORDER, FLIP, SHIFT, CUTOUT = "order", "flip", "shift", "cutout"
 
 
-def epoch_rng(seed: int, epoch: int, stream: int) -> torch.Generator:
-    """The CPU generator of ``stream`` for ``epoch``: the same on every process."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch + stream * 100_003)
+def epoch_rng(seed: int, epoch: int, stream: str) -> torch.Generator:
+    """The CPU generator of ``stream`` for ``epoch``: the same on every process.
+
+    Its seed is a hash of all three, so no two (seed, epoch, stream) share a sequence: with a
+    linear mix, one seed's flips would be another seed's data order.
+    """
+    digest = hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

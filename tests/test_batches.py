@@ -2,10 +2,15 @@ import pytest
 import torch
 
 from pipeline.batches import (
+    CUTOUT,
+    FLIP,
+    ORDER,
+    SHIFT,
     augment,
     batch_cutout,
     batch_flip_lr,
     batch_translate,
+    epoch_rng,
     local_batch,
     rank_batches,
     steps_per_epoch,
@@ -131,3 +136,15 @@ def test_rank_batches_move_the_epochs_draws_to_the_requested_device_once():
     assert len(batches) == 4 and all(t.device.type == "meta" for b in batches for t in b)
     cpu = list(rank_batches(40, 10, 1, 0, 0, 1, max_shift=2, cutout=4))
     assert all(t.device.type == "cpu" for b in cpu for t in b)
+
+
+def test_no_two_seeds_epochs_or_streams_share_a_random_sequence():
+    def draws(seed: int, epoch: int, stream: str) -> tuple[float, ...]:
+        return tuple(torch.rand(4, generator=epoch_rng(seed, epoch, stream)).tolist())
+
+    seen = {
+        draws(s, e, k) for s in (0, 1, 42, 7919, 7961) for e in (0, 1, 100_003) for k in (ORDER, FLIP, SHIFT, CUTOUT)
+    }
+    assert len(seen) == 5 * 3 * 4
+    assert draws(0, 0, FLIP) != draws(7919, 0, ORDER)  # a linear mix of seed and stream made these equal
+    assert draws(3, 5, SHIFT) == draws(3, 5, SHIFT)  # and each is reproducible
