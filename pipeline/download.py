@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
+import os
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,6 +33,7 @@ from pipeline.files import atomic_path, remove_partial
 from pipeline.params import load_params
 
 CHUNK = 1 << 16
+MIN_RATE = 16 * 1024  # bytes/s: a source slower than this on average fails (beyond download.timeout)
 
 
 class SourceError(Exception):
@@ -39,35 +44,57 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-@contextmanager
-def open_source(source: str, name: str, timeout: float) -> Iterator[tuple[BinaryIO, bool, int | None, str]]:
-    """Open ``name`` at ``source``: yields (stream, gzipped, size if known, location)."""
+@dataclass(frozen=True)
+class Attempt:
+    """One place a file may come from: a URL, or a file in a local folder."""
+
+    where: str
+    gzipped: bool
+
+
+def attempts(source: str, name: str) -> list[Attempt]:
+    """Where ``source`` may hold ``name``: its ``.gz`` at a URL; in a folder, ``name.gz`` then ``name``, if there."""
     if is_url(source):
-        url = source.rstrip("/") + f"/{name}.gz"
-        req = urllib.request.Request(url, headers={"User-Agent": "fashion-mnist-pipeline"})
-        try:
-            resp = urllib.request.urlopen(req, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            raise SourceError(f"HTTP {e.code} {e.reason}") from None
-        except urllib.error.URLError as e:
-            raise SourceError(_reason(e.reason)) from None
-        except TimeoutError:
-            raise SourceError(f"timed out after {timeout:g}s") from None
-        except (OSError, ValueError) as e:
-            raise SourceError(_reason(e)) from None
-        with resp:
-            length = resp.headers.get("Content-Length")
-            yield resp, True, int(length) if length and length.isdigit() else None, url
-        return
+        return [Attempt(source.rstrip("/") + f"/{name}.gz", True)]
     folder = Path(source.removeprefix("file://"))
     if not folder.is_dir():
         raise SourceError("directory not found")
-    for candidate, gz in ((folder / f"{name}.gz", True), (folder / name, False)):
-        if candidate.is_file():
-            with candidate.open("rb") as f:
-                yield f, gz, candidate.stat().st_size, str(candidate)
-            return
-    raise SourceError(f"neither {name}.gz nor {name} is there")
+    found = [Attempt(str(p), gz) for p, gz in ((folder / f"{name}.gz", True), (folder / name, False)) if p.is_file()]
+    if not found:
+        raise SourceError(f"neither {name}.gz nor {name} is there")
+    return found
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to another http(s) URL (urllib's default would follow one to ftp: or file:)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if not is_url(newurl):
+            raise SourceError(f"redirected to {newurl.partition(':')[0]}:, which is not http(s)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@contextmanager
+def open_attempt(attempt: Attempt, timeout: float) -> Iterator[tuple[BinaryIO, int | None, str]]:
+    """Open ``attempt``: yields (stream, size if known, where the bytes come from, after any redirects)."""
+    if not is_url(attempt.where):
+        with open(attempt.where, "rb") as f:
+            yield f, os.fstat(f.fileno()).st_size, attempt.where
+        return
+    try:
+        req = urllib.request.Request(attempt.where, headers={"User-Agent": "fashion-mnist-pipeline"})
+        resp = urllib.request.build_opener(_HttpOnlyRedirects).open(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        raise SourceError(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise SourceError(_reason(e.reason)) from None
+    except TimeoutError:
+        raise SourceError(f"timed out after {timeout:g}s") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # a malformed URL, a dropped connection
+        raise SourceError(_reason(e)) from None
+    with resp:
+        length = resp.headers.get("Content-Length")
+        yield resp, int(length) if length and length.isdigit() else None, resp.geturl()
 
 
 def _reason(err: object) -> str:
@@ -80,46 +107,63 @@ def _reason(err: object) -> str:
     return str(err) or type(err).__name__
 
 
-def _chunks(stream: BinaryIO, progress: tqdm | None) -> Iterator[bytes]:
-    """``stream``'s bytes, a chunk at a time; a read that fails or stalls is the source's fault."""
+def _chunks(stream: BinaryIO, progress: tqdm | None, deadline: float) -> Iterator[bytes]:
+    """``stream``'s bytes as they arrive; a read that fails or stalls, or a source past ``deadline``, fails it."""
+    read = getattr(stream, "read1", stream.read)  # whatever has arrived, so a dripping source meets the deadline
+    got, start = 0, time.monotonic()
     while True:
         try:
-            chunk = stream.read(CHUNK)
+            chunk = read(CHUNK)
         except TimeoutError:
             raise SourceError("timed out while reading") from None
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:  # a reset, a broken chunked response, a TLS error
             raise SourceError(f"read failed: {_reason(e)}") from None
         if not chunk:
             return
+        got += len(chunk)
+        if time.monotonic() > deadline:
+            raise SourceError(
+                f"too slow: {got} bytes in {time.monotonic() - start:.0f}s (under {MIN_RATE // 1024} KiB/s)"
+            )
         if progress is not None:
             progress.update(len(chunk))
         yield chunk
 
 
 def _gunzip(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """The decompressed bytes of one whole gzip stream; corrupt, truncated or trailing data is an error."""
+    """The decompressed bytes of a gzip file (one member or several); corrupt or truncated data is an error."""
     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
     for chunk in chunks:
-        try:
-            yield inflate.decompress(chunk)
-        except zlib.error as e:
-            raise SourceError(f"corrupt gzip ({e})") from None
-        if inflate.eof and inflate.unused_data:
-            raise SourceError("corrupt gzip (data after the end of the stream)")
+        while chunk:
+            try:
+                yield inflate.decompress(chunk)
+            except zlib.error as e:
+                raise SourceError(f"corrupt gzip ({e})") from None
+            chunk = inflate.unused_data if inflate.eof else b""
+            if chunk:  # the next member of a multi-member file
+                inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
     if not inflate.eof:
         raise SourceError("truncated gzip (stream ended early)")
 
 
 def copy_verified(
-    stream: BinaryIO, gzipped: bool, dest: BinaryIO, sha256: str, size: int, progress: tqdm | None = None
+    stream: BinaryIO,
+    gzipped: bool,
+    dest: BinaryIO,
+    sha256: str,
+    size: int,
+    progress: tqdm | None = None,
+    timeout: float = 30.0,
 ) -> None:
     """Decompress ``stream`` into ``dest`` while checking the decompressed sha256 and size.
 
+    The whole file must arrive within ``timeout`` plus its size at :data:`MIN_RATE`.
+
     Raises:
-        SourceError: corrupt or truncated gzip, wrong size, or checksum mismatch.
+        SourceError: corrupt or truncated gzip, wrong size, checksum mismatch, or too slow.
     """
     digest, written = hashlib.sha256(), 0
-    chunks = _chunks(stream, progress)
+    chunks = _chunks(stream, progress, time.monotonic() + timeout + size / MIN_RATE)
     for block in _gunzip(chunks) if gzipped else chunks:
         written += len(block)
         if written > size:
@@ -149,20 +193,36 @@ def fetch_file(name: str, sha256: str, size: int, sources: Iterable[str], out_di
     Raises DownloadError with one line per source when none works.
     """
     failures: list[str] = []
+
+    def failed(where: str, e: SourceError) -> None:
+        failures.append(f"{where}: {e}")
+        print(f"download: {name} from {where} failed: {e}; trying the next source", file=sys.stderr, flush=True)
+
     for source in sources:
         try:
-            with open_source(source, name, timeout) as (stream, gzipped, length, where):
-                quiet = None if is_url(source) else True  # a bar for network sources on a terminal only
-                bar = tqdm(total=length, unit="B", unit_scale=True, desc=name, leave=False, disable=quiet)
-                with bar, atomic_path(out_dir / name) as tmp, tmp.open("wb") as dest:
-                    copy_verified(stream, gzipped, dest, sha256, size, bar)
+            tries = attempts(source, name)
         except SourceError as e:
-            failures.append(f"{source}: {e}")
-            print(f"download: {name} from {source} failed: {e}; trying the next source", file=sys.stderr, flush=True)
+            failed(source, e)
             continue
-        print(f"download: {name} from {where}: {size} bytes, sha256 verified", flush=True)
-        return
+        for attempt in tries:
+            try:
+                where = _copy(attempt, out_dir / name, sha256, size, timeout)
+            except SourceError as e:
+                failed(source if len(tries) == 1 else attempt.where, e)
+                continue
+            print(f"download: {name} from {where}: {size} bytes, sha256 verified", flush=True)
+            return
     raise DownloadError(f"no source provided {name}:\n" + "\n".join(f"  {f}" for f in failures))
+
+
+def _copy(attempt: Attempt, dest: Path, sha256: str, size: int, timeout: float) -> str:
+    """Fetch ``attempt`` into ``dest`` if it verifies; returns where the bytes came from."""
+    with open_attempt(attempt, timeout) as (stream, length, where):
+        quiet = None if is_url(attempt.where) else True  # a bar for network sources on a terminal only
+        bar = tqdm(total=length, unit="B", unit_scale=True, desc=dest.name, leave=False, disable=quiet)
+        with bar, atomic_path(dest) as tmp, tmp.open("wb") as out:
+            copy_verified(stream, attempt.gzipped, out, sha256, size, bar, timeout)
+    return where
 
 
 def download_all(

@@ -1,9 +1,10 @@
 """Atomic writes: a file or folder appears under its name complete, or not at all.
 
 Everything a stage writes (checkpoints, the model, metrics, plots, the downloaded files) goes through
-:func:`atomic_path`: it is built under a temporary name beside its final one (``.tmp-<name>-*``, so a
-kill leaves only such a name, which the next run removes), flushed to disk, given the permissions the
-umask allows (not the 0600/0700 of a temporary file), and renamed into place.
+:func:`atomic_path`: it is built under a temporary name beside its final one (``.tmp-<pid>-<name>-*``,
+so a kill leaves only such a name, which a later run removes once that process is gone), flushed to
+disk, given the permissions the umask allows (not the 0600/0700 of a temporary file), and renamed
+into place.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _settle(path: Path, mask: int) -> None:
 def _replace(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; a folder already there is swapped out first, then removed."""
     if tmp.is_dir() and final.is_dir():
-        old = final.with_name(f"{TMP_PREFIX}{final.name}-old-{os.getpid()}")
+        old = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{final.name}-old")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)
@@ -48,10 +49,26 @@ def _replace(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named a temporary ``.tmp-<pid>-...`` is still running (and is not this one)."""
+    pid = name[len(TMP_PREFIX) :].partition("-")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():  # no pid, or a leftover of an earlier process with ours
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def remove_partial(folder: Path) -> None:
-    """Remove what writes that a kill interrupted left in ``folder``."""
+    """Remove what writes that a kill interrupted left in ``folder``; a write still in progress is left alone."""
     if folder.is_dir():
         for p in folder.glob(f"{TMP_PREFIX}*"):
+            if _writer_alive(p.name):
+                continue
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -66,7 +83,7 @@ def atomic_path(final: str | Path, folder: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f"{TMP_PREFIX}{final.name}-"
+    prefix = f"{TMP_PREFIX}{os.getpid()}-{final.name}-"
     if folder:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     else:

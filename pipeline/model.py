@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.dataset import CLASSES
-from pipeline.errors import ModelArtifactError
+from pipeline.errors import ModelArtifactError, ParamsError
 from pipeline.files import atomic_path
-from pipeline.params import ModelName
+from pipeline.params import ModelName, knob, typed
 
 ARTIFACT_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -33,12 +33,12 @@ class ModelConfig:
     """Everything needed to rebuild a model; saved beside its weights."""
 
     name: str = "tutorial_cnn"
-    in_channels: int = 1
-    image_size: int = 28
-    num_classes: int = len(CLASSES)
+    in_channels: int = knob(1, ge=1, le=16, says="1 to 16")
+    image_size: int = knob(28, ge=8, le=256, says="8 to 256 pixels")
+    num_classes: int = knob(len(CLASSES), ge=2, le=1000, says="2 to 1000")
     # Fashion-MNIST training-set pixel statistics, for inputs scaled to [0, 1]
     mean: float = 0.2860
-    std: float = 0.3530
+    std: float = knob(0.3530, gt=0)
 
 
 class TutorialCNN(nn.Module):
@@ -155,7 +155,10 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ModelArtifactError(
             f"{path} has unknown model fields {sorted(unknown)}; it was written by a newer version"
         )
-    cfg = ModelConfig(**meta["model"])
+    try:
+        cfg = typed(ModelConfig, meta["model"], "model")
+    except ParamsError as e:
+        raise ModelArtifactError(f"{path}: {e}; run `dvc repro train`") from None
     if cfg.name not in MODELS:
         raise ModelArtifactError(
             f"{path} names model {cfg.name!r}, which this version does not know ({', '.join(MODELS)})"
@@ -182,6 +185,11 @@ def load_artifact(model_dir: str | Path) -> tuple[nn.Module, ModelConfig]:
         raise ModelArtifactError(f"model weights {path} are missing; run `dvc repro train`") from None
     except (SafetensorError, OSError) as e:
         raise ModelArtifactError(f"model weights {path} are unreadable ({e}); run `dvc repro train`") from None
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ModelArtifactError(
+            f"{path} holds NaN or infinite weights ({broken[0]}); retrain: dvc repro --force train"
+        )
     model = build_model(cfg)
     try:
         model.load_state_dict(state, strict=True)

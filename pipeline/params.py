@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -27,6 +28,9 @@ ModelName = Literal["tutorial_cnn", "bn_cnn"]  # the models pipeline/model.py bu
 Precision = Literal["fp32", "bf16", "fp16"]
 MIXED_PRECISIONS: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # -> Accelerate's name
 assert tuple(MIXED_PRECISIONS) == typing.get_args(Precision)
+SEED_MAX = 2**32 - 1  # numpy's seeds, which Accelerate's set_seed also sets, are 32-bit
+SEED_RANGE = f"0 to {SEED_MAX}"
+T = TypeVar("T")
 TRAIN_SECTIONS = ("data", "model", "train")  # the sections the train stage reads (its params in dvc.yaml)
 DEFAULT_SOURCES = (
     "/usr/share/datasets/fashion-mnist",
@@ -72,7 +76,7 @@ def knob(default: Any, *, shapes_training: bool = True, **bounds: Any) -> Any:
 class DataParams:
     subset: int = knob(0, ge=0, says="0 (all) or a positive count")  # 0 = all; N = first N of each split
     val_size: int = knob(6000, ge=1)  # samples carved from the training set for validation
-    split_seed: int = 0  # seeds which training samples go to validation
+    split_seed: int = knob(0, ge=0, le=SEED_MAX, says=SEED_RANGE)  # seeds which training samples go to validation
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class TrainParams:
     optimizer_impl: Literal["auto", "for_loop", "foreach", "fused"] = "auto"  # AdamW kernels; auto: torch's pick
     cudnn_benchmark: bool = False  # let cuDNN time and pick conv algorithms (GPU only; not bitwise reproducible)
     channels_last: bool = True  # NHWC memory layout for the convolutions (speed only; rounding differs)
-    seed: int = 42  # weights init, data order and augmentation
+    seed: int = knob(42, ge=0, le=SEED_MAX, says=SEED_RANGE)  # weights init, data order and augmentation
     eval_batch_size: int = knob(1000, ge=1, shapes_training=False)  # validation batch per process
     checkpoint_every_steps: int = knob(0, ge=0, says=">= 0 (0 = epoch ends only)", shapes_training=False)
     keep_checkpoints: int = knob(2, ge=1, shapes_training=False)  # newest checkpoints kept per run
@@ -157,6 +161,8 @@ def _as_int(key: str, value: Any) -> int:
 def _as_float(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ParamsError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ParamsError(f"{key} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -189,7 +195,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ParamsError(f"{prefix} must be a mapping of keys to values, got {raw!r}")
+        raise ParamsError(f"{prefix or 'a params file'} must be a mapping of keys to values, got {raw!r}"[:200])
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - fields)
@@ -220,6 +226,16 @@ def _check_ranges(values: Any, prefix: str) -> None:
             _check_ranges(value, key + ".")
         elif "bounds" in f.metadata and not f.metadata["bounds"].hold(value):
             raise ParamsError(f"{key} must be {f.metadata['bounds'].words()}, got {value}")
+
+
+def typed(cls: type[T], raw: Any, prefix: str) -> T:
+    """``raw`` (a mapping) as the frozen dataclass ``cls``, checked like params: wrong types and values raise.
+
+    ``prefix`` names ``raw`` in the messages (``model`` gives ``model.image_size must be ...``).
+    """
+    value: T = _build(cls, raw, prefix)
+    _check_ranges(value, f"{prefix}." if prefix else "")
+    return value
 
 
 def with_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -271,13 +287,20 @@ def read_yaml(path: str | Path) -> Any:
     """Parse the YAML file ``path`` (params or a recipe) as YAML 1.2 does, as DVC's ``-S`` writes it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"params file {path} not found; run from the project root or pass --params") from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path} is not UTF-8 text; a params file is YAML") from None
+    except OSError as e:  # a folder, no permission
+        raise ParamsError(f"params file {path} cannot be read ({e.strerror or e})") from None
     try:
         return yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as e:
-        raise ParamsError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamsError(f"{where} is not valid YAML: {problem}") from None
 
 
 def load_params(path: str | Path = "params.yaml", *layers: dict[str, Any]) -> Params:
@@ -371,6 +394,7 @@ __all__ = [
     "read_yaml",
     "save_params",
     "training_params",
+    "typed",
     "with_changes",
     "with_overrides",
 ]

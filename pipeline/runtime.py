@@ -15,6 +15,10 @@ from pipeline.batches import to_input
 from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 
+# set by a launcher that starts the processes of a group: torchrun's elastic agent (also under accelerate
+# launch), SLURM's srun, Open MPI's and MPICH's mpirun
+LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
 
 def add_path_args(p: argparse.ArgumentParser, paths: dict[str, tuple[str, str]]) -> None:
     """One ``--flag PATH`` argument per entry of ``paths`` (flag -> (default, what it holds))."""
@@ -54,11 +58,11 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
     if cpu_threads < 0:
         raise PipelineError(f"--cpu-threads must be 0 (auto) or a positive count, got {cpu_threads}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not os.environ.get("MASTER_ADDR"):
+    if world > 1 and not any(os.environ.get(v) for v in LAUNCHER_VARS):
         raise PipelineError(
-            f"WORLD_SIZE={world} is set but no launcher set up the process group (MASTER_ADDR is missing); "
-            "start N processes with `accelerate launch --multi_gpu --num_processes N -m pipeline.train`, "
-            "or unset WORLD_SIZE for one process"
+            f"WORLD_SIZE={world} is set but no launcher (torchrun, accelerate launch, srun, mpirun) started this "
+            "process, so it would wait for peers that never come; start N processes with "
+            "`accelerate launch --multi_gpu --num_processes N -m pipeline.train`, or unset WORLD_SIZE for one process"
         )
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
     if accelerator.device.type == "cpu":

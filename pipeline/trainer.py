@@ -45,6 +45,7 @@ def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused)
 
 
+DIVERGENCE_CHECK = 25  # steps between looks at the loss (each waits for the device)
 LOSS, CORRECT, SAMPLES = range(len(fields(EpochSums)))  # EpochSums' fields, as positions in Trainer.sums
 
 
@@ -148,6 +149,11 @@ class Trainer:
                     bar.update(self.cfg.batch_size)
                     if self.state.step % 20 == 0:
                         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                if self.state.step % DIVERGENCE_CHECK == 0 and not torch.isfinite(loss):
+                    raise DataError(
+                        f"training diverged at epoch {epoch + 1}, step {self.state.step} (loss {loss.item()}); "
+                        "lower train.lr"
+                    )
                 if every and self.state.global_step % every == 0 and self.state.step < self.steps:
                     self.save()
         sums = self.fold_sums()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,15 +45,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+MAX_PIXELS = 40_000_000  # a photo of 40 megapixels is fine; a decompression bomb is refused before decoding
+
+
 def read_image(path: Path, cfg: ModelConfig, invert: bool) -> torch.Tensor:
     """A file as uint8 (H, W) at the model's input size, greyscale."""
     from PIL import Image, UnidentifiedImageError
 
+    if not path.exists():
+        raise DataError(f"image {path} does not exist")
+    if not path.is_file():  # a folder, a FIFO or a device would hang or fail inside PIL
+        raise DataError(f"{path} is not a regular file")
+    refused = f"images over {MAX_PIXELS // 10**6} megapixels are refused"
     try:
-        with Image.open(path) as im:
-            grey = im.convert("L").resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
-    except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
+        with warnings.catch_warnings():  # the size is checked here, before anything is decoded
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size  # from the header
+                if width * height > MAX_PIXELS:
+                    raise DataError(f"{path} is {width}x{height}; {refused}")
+                grey = im.convert("L").resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
+    except Image.DecompressionBombError:  # so large that PIL will not even read its header
+        raise DataError(f"{path} is over {2 * (Image.MAX_IMAGE_PIXELS or 0) // 10**6} megapixels; {refused}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path} is not an image PIL can read ({e})") from None
     t = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(cfg.image_size, cfg.image_size)

@@ -228,6 +228,169 @@ def test_killed_download_leaves_nothing_partial_and_a_rerun_completes(tmp_path, 
         server.shutdown()
         server.server_close()
     left = [p.name for p in out.iterdir()]  # only the half-written file, under its temporary name
-    assert len(left) == 1 and left[0].startswith(".tmp-train-images-idx3-ubyte-")
+    assert len(left) == 1 and left[0].startswith(f".tmp-{proc.pid}-train-images-idx3-ubyte-")
     download_all([str(make_mirror(tmp_path / "deb", payloads))], out, timeout=5, files=files)
     assert sorted(p.name for p in out.iterdir()) == sorted(NAMES)  # the next run removed it
+
+
+class FaultyServer:
+    """An HTTP server on 127.0.0.1 whose every GET runs ``respond(handler)``; counts its requests."""
+
+    def __init__(self, respond):
+        outer = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests += 1
+                respond(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def faulty():
+    servers = []
+
+    def start(respond):
+        servers.append(FaultyServer(respond))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def _bad_chunk_size(h):
+    h.send_response(200)
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    h.wfile.write(b"zz\r\nnot a chunk\r\n")
+
+
+def _closed_mid_chunk(h):
+    h.send_response(200)
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    h.wfile.write(b"400\r\n" + gzip.compress(b"x" * 10, mtime=0)[:15])  # 1024 bytes announced, 15 sent
+    h.wfile.flush()
+    h.close_connection = True
+
+
+def _reset_before_the_status_line(h):
+    h.close_connection = True  # closes without a byte: http.client's RemoteDisconnected
+
+
+@pytest.mark.parametrize(
+    ("respond", "said"),
+    [(_bad_chunk_size, "read failed"), (_closed_mid_chunk, "read failed"), (_reset_before_the_status_line, "")],
+    ids=["bad-chunk-size", "closed-mid-chunk", "no-status-line"],
+)
+def test_a_broken_http_response_falls_through_to_the_next_source(
+    tmp_path, faulty, payloads, files, capsys, respond, said
+):
+    server = faulty(respond)
+    good = make_mirror(tmp_path / "good", payloads)
+    download_all([server.url, str(good)], tmp_path / "raw", timeout=5, files=files)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == payloads
+    err = capsys.readouterr().err
+    assert f"from {server.url} failed: {said}" in err and "Traceback" not in err
+
+
+def test_a_malformed_url_is_one_failed_source_not_a_traceback(tmp_path, payloads, files, capsys):
+    good = make_mirror(tmp_path / "good", payloads)
+    download_all(["http://[::1", str(good)], tmp_path / "raw", timeout=5, files=files)
+    assert "from http://[::1 failed: " in capsys.readouterr().err
+
+
+def test_a_redirect_to_another_scheme_is_refused_without_connecting(tmp_path, faulty, payloads, files, capsys):
+    import socket
+
+    ftp = socket.socket()
+    ftp.bind(("127.0.0.1", 0))
+    ftp.listen(1)
+    ftp.settimeout(0.5)
+
+    def to_ftp(h):
+        h.send_response(302)
+        h.send_header("Location", f"ftp://127.0.0.1:{ftp.getsockname()[1]}/x.gz")
+        h.end_headers()
+
+    server = faulty(to_ftp)
+    good = make_mirror(tmp_path / "good", payloads)
+    try:
+        download_all([server.url, str(good)], tmp_path / "raw", timeout=5, files=files)
+        with pytest.raises(TimeoutError):  # nobody came to the ftp listener
+            ftp.accept()
+    finally:
+        ftp.close()
+    assert "failed: redirected to ftp:, which is not http(s)" in capsys.readouterr().err
+
+
+def test_a_redirect_to_http_is_followed_and_the_line_names_where_the_bytes_came_from(
+    tmp_path, http_root, faulty, payloads, files, capsys
+):
+    base, www = http_root
+    make_mirror(www / "moved", payloads)
+
+    def moved(h):
+        h.send_response(301)
+        h.send_header("Location", f"{base}/moved{h.path}")
+        h.end_headers()
+
+    server = faulty(moved)
+    download_all([server.url], tmp_path / "raw", timeout=5, files=files)
+    assert f"from {base}/moved/train-images-idx3-ubyte.gz: " in capsys.readouterr().out
+
+
+def test_a_source_that_drips_fails_once_past_its_whole_file_deadline(tmp_path, faulty, payloads, files, capsys):
+    import time
+
+    body = gzip.compress(bytes(range(256)) * 20, mtime=0)  # 5 KB that will not verify: it never gets that far
+
+    def drip(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        try:
+            for i in range(0, len(body), 8):  # 8 bytes every 50 ms: each read is prompt, the file is not
+                h.wfile.write(body[i : i + 8])
+                h.wfile.flush()
+                time.sleep(0.05)
+        except OSError:  # the client gave up
+            pass
+
+    server = faulty(drip)
+    good = make_mirror(tmp_path / "good", payloads)
+    started = time.monotonic()
+    download_all([server.url, str(good)], tmp_path / "raw", timeout=0.5, files=files)
+    assert time.monotonic() - started < 30  # the drip alone would take len(body) / 160 seconds per file
+    assert "failed: too slow: " in capsys.readouterr().err
+
+
+def test_a_corrupt_gz_in_a_folder_falls_back_to_the_raw_file_beside_it(tmp_path, payloads, files, capsys):
+    src = make_mirror(tmp_path / "deb", payloads, "corrupt")
+    for name, data in payloads.items():
+        (src / name).write_bytes(data)
+    download_all([str(src)], tmp_path / "raw", timeout=5, files=files)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == payloads
+    assert f"from {src / NAMES[0]}.gz failed: corrupt gzip" in capsys.readouterr().err
+
+
+def test_a_multi_member_gzip_is_read_whole(tmp_path, payloads, files):
+    src = tmp_path / "deb"
+    src.mkdir()
+    for name, data in payloads.items():
+        half = len(data) // 2
+        (src / f"{name}.gz").write_bytes(gzip.compress(data[:half], mtime=0) + gzip.compress(data[half:], mtime=0))
+    download_all([str(src)], tmp_path / "raw", timeout=5, files=files)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == payloads

@@ -102,6 +102,20 @@ def test_train_runs_as_a_module_under_accelerate_launch_with_the_stages_own_comm
     assert cmd[cmd.index(" -m pipeline.train ") :].split() == expected
 
 
+@pytest.mark.parametrize("config", ["", "/tmp/my configs/2 procs.yaml"], ids=["unset", "path-with-spaces"])
+def test_the_accelerate_config_file_reaches_the_launcher_as_one_argument(config):
+    cmd = STAGES["train"]["cmd"]
+    launcher_args = cmd[len("accelerate launch --quiet") : cmd.index(" -m pipeline.train")]
+    shown = subprocess.run(
+        ["sh", "-c", f'for a in {launcher_args}; do echo "[$a]"; done'],
+        env={"PATH": "/usr/bin:/bin", "ACCELERATE_CONFIG_FILE": config},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")[:-1]
+    assert shown == (["[--config_file]", f"[{config}]"] if config else [])
+
+
 def test_evaluate_runs_the_stages_own_command_line():
     from pipeline.evaluate import command as evaluate_command
 

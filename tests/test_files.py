@@ -63,3 +63,19 @@ def test_what_a_kill_left_is_removed_and_nothing_else(tmp_path):
     (tmp_path / "step-00000003").mkdir()
     remove_partial(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000003"]
+
+
+def test_a_write_still_in_progress_in_another_process_is_left_alone(tmp_path):
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".tmp-{writer.pid}-m.json-abc").write_text("being written")
+        remove_partial(tmp_path)
+        assert (tmp_path / f".tmp-{writer.pid}-m.json-abc").exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    remove_partial(tmp_path)  # its writer is gone now
+    assert not list(tmp_path.iterdir())

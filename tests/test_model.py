@@ -127,3 +127,35 @@ def test_compiled_model_unwraps_to_plain_keys_for_the_artifact(tmp_path):
     keys = load_file(str(tmp_path / "m" / WEIGHTS_FILE)).keys()
     assert keys == build_model(ModelConfig()).state_dict().keys()
     load_artifact(tmp_path / "m")  # strict load: no missing or unexpected keys
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("image_size", 100_000, r"model\.image_size must be 8 to 256 pixels, got 100000"),
+        ("num_classes", 1e9, r"model\.num_classes must be an integer, got 1000000000\.0"),
+        ("in_channels", "1", r"model\.in_channels must be an integer, got '1'"),
+        ("std", 0, r"model\.std must be > 0, got 0\.0"),
+        ("mean", "nan", r"model\.mean must be a number, got 'nan'"),
+    ],
+    ids=["huge-image", "huge-classes", "string-channels", "zero-std", "string-mean"],
+)
+def test_an_artifact_config_is_checked_as_strictly_as_params(tmp_path, field, value, match):
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    meta["model"][field] = value
+    (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelArtifactError, match=match + r"; run `dvc repro train`") as info:
+        load_artifact(tmp_path / "m")
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_weights_are_an_error_not_a_metric(tmp_path):
+    model = build_model(ModelConfig())
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    save_artifact(model, ModelConfig(), tmp_path / "m")
+    with pytest.raises(
+        ModelArtifactError, match=r"holds NaN or infinite weights \(.*\); retrain: dvc repro --force train"
+    ):
+        load_artifact(tmp_path / "m")

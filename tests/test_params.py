@@ -90,6 +90,12 @@ def test_integer_is_accepted_for_a_float_key():
         ({"data": {"val_size": 0}}, r"data\.val_size must be >= 1"),
         ({"download": {"sources": []}}, r"download\.sources must be a non-empty list"),
         ({"download": {"sources": [3]}}, r"download\.sources\[0\] must be a string"),
+        ({"download": {"timeout": float("inf")}}, r"download\.timeout must be a finite number, got inf"),
+        ({"train": {"lr": float("nan")}}, r"train\.lr must be a finite number, got nan"),
+        ({"train": {"seed": -1}}, r"train\.seed must be 0 to 4294967295, got -1"),
+        ({"train": {"seed": 2**70}}, r"train\.seed must be 0 to 4294967295, got 1180591620717411303424"),
+        ({"data": {"split_seed": 2**32}}, r"data\.split_seed must be 0 to 4294967295"),
+        (["train"], r"a params file must be a mapping of keys to values, got \['train'\]"),
     ],
     ids=[
         "unknown-section",
@@ -116,6 +122,12 @@ def test_integer_is_accepted_for_a_float_key():
         "val-size-zero",
         "no-sources",
         "source-not-string",
+        "infinite-timeout",
+        "nan-lr",
+        "negative-seed",
+        "seed-too-large",
+        "split-seed-too-large",
+        "top-level-list",
     ],
 )
 def test_bad_params_raise_one_line_naming_the_key(raw, match):
@@ -165,3 +177,19 @@ def test_saved_params_are_a_complete_file_that_reads_back_the_same(tmp_path):
     params = with_changes(load_params(REPO / "params.yaml"), {"model": {"name": "bn_cnn"}, "train": {"cutout": 4}})
     save_params(params, tmp_path / "params.yaml")
     assert load_params(tmp_path / "params.yaml") == params
+
+
+def test_a_params_path_that_is_a_folder_or_not_text_gives_one_line(tmp_path):
+    with pytest.raises(ParamsError, match=r"params file .* cannot be read \(Is a directory\)"):
+        load_params(tmp_path)
+    binary = tmp_path / "params.yaml"
+    binary.write_bytes(b"train:\n  lr: \xff\xfe\n")
+    with pytest.raises(ParamsError, match=r"params.yaml is not UTF-8 text; a params file is YAML"):
+        load_params(binary)
+
+
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: [1, 2\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml:4:1 is not valid YAML: expected ',' or '\]'"):
+        load_params(path)

@@ -90,3 +90,24 @@ def test_a_file_that_is_not_an_image_is_reported(tmp_path, artifact, capsys):
     with pytest.raises(SystemExit):
         predict.main(["--model-dir", str(artifact[0]), str(path)])
     assert "is not an image PIL can read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("side", "said"), [(7_000, "is 7000x7000"), (20_000, "is over 178 megapixels")], ids=["large", "bomb"]
+)
+def test_a_huge_image_is_refused_before_decoding(tmp_path, artifact, capsys, side, said):
+    path = tmp_path / "huge.png"
+    Image.new("1", (side, side)).save(path, optimize=True)  # a small file of 49 or 400 megapixels
+    with pytest.raises(SystemExit):
+        predict.main(["--model-dir", str(artifact[0]), str(path)])
+    assert capsys.readouterr().err.strip() == f"error: {path} {said}; images over 40 megapixels are refused"
+
+
+def test_a_fifo_or_folder_is_refused_instead_of_read(tmp_path, artifact, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would wait forever for a writer
+    for path in (tmp_path / "pipe.png", tmp_path):
+        with pytest.raises(SystemExit):
+            predict.main(["--model-dir", str(artifact[0]), str(path)])
+        assert capsys.readouterr().err.strip() == f"error: {path} is not a regular file"

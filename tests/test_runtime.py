@@ -50,3 +50,14 @@ def test_bf16_on_cpu_autocasts_the_forward_pass():
     model = accelerator.prepare(torch.nn.Sequential(layer))
     assert model(torch.ones(1, 4)).dtype == torch.float32  # Accelerate hands back fp32 outputs
     assert seen == [torch.bfloat16]  # ... computed in bf16
+
+
+def test_a_world_size_with_a_master_address_but_no_launcher_is_refused_not_left_to_hang(monkeypatch):
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # enough for torch to wait in the rendezvous for 30 minutes
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    with pytest.raises(PipelineError, match=r"^WORLD_SIZE=2 is set but no launcher .* started this process"):
+        make_accelerator()

@@ -351,3 +351,15 @@ def test_the_logged_training_loss_is_plain_cross_entropy_like_the_validation_los
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["train"]["loss"] < 1.5 and metrics["val"]["loss"] < 1.5
     assert metrics["train"]["loss"] == pytest.approx(metrics["val"]["loss"], abs=0.3)
+
+
+def test_a_diverging_run_stops_within_a_few_steps_not_at_the_end_of_the_epoch(
+    tmp_path, tiny_raw, write_params, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    params = write_params({"train": {"batch_size": 4, "lr": 1e30, "epochs": 1}})  # 50 steps per epoch
+    with pytest.raises(SystemExit) as info:
+        run_train(tmp_path, params)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: training diverged at epoch 1, step 25 (loss ")
+    assert err.endswith("; lower train.lr") and not (tmp_path / "models").exists()
