@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.files import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 VEGA_LITE = "5.21"  # DVC's plot templates are Vega-Lite v5 specs
 
@@ -52,8 +54,7 @@ def main() -> int:
         .replace("BUNDLE", bundle.replace("</script", "<\\/script"))
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
+    write_text(out, page)
     print(f"wrote {out} ({len(page) / 1e6:.2f} MB)")
     return 0
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from pipeline.batches import augment, rank_batches, to_input
 from pipeline.dataset import load_split
+from pipeline.files import write_json
 from pipeline.model import ModelConfig, build_model
 from scripts.seed_loop import Net, seed_datasets
 
@@ -218,8 +219,7 @@ def main() -> int:
     }
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return 0
 
 
