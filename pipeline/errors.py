@@ -30,6 +30,10 @@ class ModelArtifactError(PipelineError):
     """A model artifact is missing, unknown or inconsistent."""
 
 
+class DiskFullError(PipelineError):
+    """A write ran out of space; nothing partial was left in its place."""
+
+
 class Stopped(PipelineError):
     """The run was told to stop (SIGTERM, or the process that started it is gone)."""
 

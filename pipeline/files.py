@@ -9,6 +9,7 @@ into place.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline.errors import DiskFullError
 
 TMP_PREFIX = ".tmp-"
 
@@ -36,6 +39,15 @@ def _settle(path: Path, mask: int) -> None:
     with path.open("rb") as f:
         os.fsync(f.fileno())
     path.chmod(0o666 & ~mask)
+
+
+def _disk_full(e: Exception, free: int) -> bool:
+    """Whether ``e`` means the disk filled: ENOSPC, or how torch and safetensors report a write that failed."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    said = "No space left on device" in text or "os error 28" in text
+    return said or (free < 2**20 and ("unexpected pos" in text or "failed writing" in text))
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -94,6 +106,14 @@ def atomic_path(final: str | Path, folder: bool = False) -> Iterator[Path]:
         yield tmp
         _settle(tmp, _umask())
         _replace(tmp, final)
+    except Exception as e:
+        free = shutil.disk_usage(final.parent).free
+        if _disk_full(e, free):
+            raise DiskFullError(
+                f"no space left on device writing {final} ({free / 2**20:.1f} MiB free in {final.parent}); "
+                "free space there and run again (what was there before is kept)"
+            ) from None
+        raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

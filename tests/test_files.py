@@ -3,6 +3,7 @@ import stat
 
 import pytest
 
+from pipeline.errors import DiskFullError
 from pipeline.files import atomic_path, remove_partial, write_json
 
 
@@ -79,3 +80,35 @@ def test_a_write_still_in_progress_in_another_process_is_left_alone(tmp_path):
         writer.wait()
     remove_partial(tmp_path)  # its writer is gone now
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB filesystem (tmpfs), where the test can mount one."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_the_old_file_is_kept(small_disk):
+    write_json(small_disk / "metrics.json", {"accuracy": 0.9})
+    with pytest.raises(DiskFullError, match=r"^no space left on device writing .*metrics\.json \(\d+\.\d MiB free in "):
+        write_json(small_disk / "metrics.json", {"rows": ["x" * 100] * 20_000})  # 2 MB
+    assert (small_disk / "metrics.json").read_text() == '{\n  "accuracy": 0.9\n}\n'
+    assert [p.name for p in small_disk.iterdir()] == ["metrics.json"]  # no temporary left
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line_not_a_torch_traceback(small_disk):
+    import torch
+
+    from pipeline.checkpoint import TrainState, save_checkpoint
+
+    weights = {"w": torch.zeros(300_000)}  # 1.2 MB: does not fit
+    with pytest.raises(DiskFullError, match=r"no space left on device writing .*step-00000000 "):
+        save_checkpoint(small_disk, TrainState(fingerprint="f"), weights, weights, {}, {}, keep=2)
+    assert not list(small_disk.iterdir())
