@@ -178,7 +178,10 @@ def test_a_checkpoint_that_does_not_fit_costs_one_line_and_the_previous_one_resu
 def test_a_killed_worker_restarts_under_the_elastic_agent_and_resumes_bitwise(setup, reference, tmp_path):
     _, raw, params = setup
     out = tmp_path / "elastic"
-    launcher = ["torchrun", "--nproc_per_node", "2", "--max-restarts", "1", "--master_port", str(free_port())]
+    # a restart needs the c10d rendezvous: under the static one (--master_port) the new group reads the old
+    # group's addresses from the store and fails to connect
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    launcher = ["torchrun", "--nproc_per_node", "2", "--max-restarts", "1", *rendezvous]
     proc = subprocess.Popen(command(params, Paths.under(out, raw), launcher, "--cpu-threads", "1"), env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -192,6 +195,7 @@ def test_a_killed_worker_restarts_under_the_elastic_agent_and_resumes_bitwise(se
     finally:
         if proc.poll() is None:
             kill_tree(proc)
+            proc.communicate()  # closes the pipes
     assert proc.returncode == 0, stderr[-3000:]
     assert "resuming from" in stdout
     weights = (out / "models" / "model.safetensors").read_bytes()
