@@ -7,10 +7,10 @@ from pipeline.errors import DiskFullError
 from pipeline.files import atomic_path, remove_partial, write_json
 
 
-@pytest.fixture
-def umask_027():
-    old = os.umask(0o027)
-    yield
+@pytest.fixture(params=[0o022, 0o002, 0o027], ids=["umask022", "umask002", "umask027"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
     os.umask(old)
 
 
@@ -18,20 +18,20 @@ def mode(path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_an_atomic_file_gets_the_permissions_the_umask_allows_not_a_temp_files(tmp_path, umask_027):
+def test_an_atomic_file_gets_the_permissions_the_umask_allows_not_a_temp_files(tmp_path, umask):
     write_json(tmp_path / "out" / "m.json", {"a": 1})
     assert (tmp_path / "out" / "m.json").read_text() == '{\n  "a": 1\n}\n'
-    assert mode(tmp_path / "out" / "m.json") == 0o640  # mkstemp alone would leave 0600
+    assert mode(tmp_path / "out" / "m.json") == 0o666 & ~umask  # mkstemp alone would leave 0600
 
 
-def test_an_atomic_folder_and_its_files_get_the_umasks_permissions(tmp_path, umask_027):
+def test_an_atomic_folder_and_its_files_get_the_umasks_permissions(tmp_path, umask):
     with atomic_path(tmp_path / "models", folder=True) as tmp:
         (tmp / "w.bin").write_bytes(b"x")
         (tmp / "sub").mkdir()
         (tmp / "sub" / "n.txt").write_text("y")
     root = tmp_path / "models"
-    assert mode(root) == 0o750 and mode(root / "sub") == 0o750  # mkdtemp alone would leave 0700
-    assert mode(root / "w.bin") == 0o640 and mode(root / "sub" / "n.txt") == 0o640
+    assert mode(root) == mode(root / "sub") == 0o777 & ~umask  # mkdtemp alone would leave 0700
+    assert mode(root / "w.bin") == mode(root / "sub" / "n.txt") == 0o666 & ~umask
 
 
 def test_an_atomic_folder_replaces_the_old_one_whole(tmp_path):
