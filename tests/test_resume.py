@@ -20,10 +20,10 @@ pytestmark = pytest.mark.slow
 
 OVERRIDES = {
     "data": {"subset": 0, "val_size": 77},
-    "train": {"epochs": 3, "batch_size": 8, "lr": 0.003, "seed": 5, "eval_batch_size": 16,
+    "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "seed": 5, "eval_batch_size": 16,
               "checkpoint_every_steps": 7, "keep_checkpoints": 2, "final_model": "best"},
 }  # fmt: skip
-# 323 train samples: 40 steps/epoch, 120 in all; mid-epoch checkpoints every 7 steps
+# 323 train samples: 40 steps/epoch, 80 in all; mid-epoch checkpoints every 7 steps
 
 
 @pytest.fixture(scope="module")
