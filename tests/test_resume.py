@@ -13,8 +13,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.train import Paths, command
-from tests.conftest import TIMING_KEYS, child_env, free_port, full_params, train_command, write_raw
+from tests.conftest import TIMING_KEYS, child_env, full_params, train_command, write_raw
 
 pytestmark = pytest.mark.slow
 
@@ -173,30 +172,3 @@ def test_a_checkpoint_that_does_not_fit_costs_one_line_and_the_previous_one_resu
     assert "resuming from" in resumed.stdout and "Traceback" not in resumed.stderr
     weights = (out / "models" / "model.safetensors").read_bytes()
     assert weights == (reference[1] / "models" / "model.safetensors").read_bytes()  # the previous one, bit for bit
-
-
-def test_a_killed_worker_restarts_under_the_elastic_agent_and_resumes_bitwise(setup, reference, tmp_path):
-    _, raw, params = setup
-    out = tmp_path / "elastic"
-    # a restart needs the c10d rendezvous: under the static one (--master_port) the new group reads the old
-    # group's addresses from the store and fails to connect
-    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-    launcher = ["torchrun", "--nproc_per_node", "2", "--max-restarts", "1", *rendezvous]
-    proc = subprocess.Popen(command(params, Paths.under(out, raw), launcher, "--cpu-threads", "1"), env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("checkpoints/*/step-00000014")) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("LOCAL_RANK") == "1"]
-        assert len(workers) == 1, "no worker of local rank 1 to kill"
-        workers[0].send_signal(signal.SIGKILL)  # one worker dies; the agent restarts the group
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
-            proc.communicate()  # closes the pipes
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "resuming from" in stdout
-    weights = (out / "models" / "model.safetensors").read_bytes()
-    assert weights == (reference[2] / "models" / "model.safetensors").read_bytes()
