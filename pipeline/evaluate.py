@@ -58,6 +58,7 @@ class Scored:
     test: Split
     preds: torch.Tensor
     labels: torch.Tensor
+    info: dict[str, Any]  # the artifact's JSON
     classes: tuple[str, ...]  # as the artifact names them
     counts: torch.Tensor  # confusion matrix: rows are true classes
     metrics: dict[str, Any]  # metrics/test.json
@@ -70,7 +71,8 @@ def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params)
     model, loader = accelerator.prepare(model, eval_loader(test, params.evaluate.batch_size))
     preds, labels, losses = predict(accelerator, model, loader)
     assert len(preds) == len(test), f"counted {len(preds)} predictions for {len(test)} test samples"
-    classes = tuple(artifact_info(model_dir)["classes"])
+    info = artifact_info(model_dir)
+    classes = tuple(info["classes"])
     counts = confusion_matrix(preds, labels, model_cfg.num_classes)
     report = classification_report(counts, classes)
     metrics = {
@@ -79,7 +81,7 @@ def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params)
         "samples": report["samples"],
         "per_class_accuracy": report["per_class_accuracy"],
     }
-    return Scored(test, preds, labels, classes, counts, metrics)
+    return Scored(test, preds, labels, info, classes, counts, metrics)
 
 
 def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
@@ -97,7 +99,7 @@ def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
 
 
 def summary(scored: Scored, model_dir: Path, out: Path, eval_dir: Path, seconds: float) -> str:
-    info, metrics = artifact_info(model_dir), scored.metrics
+    info, metrics = scored.info, scored.metrics
     worst = sorted(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
     return summary_table(
         [

@@ -138,8 +138,8 @@ def save_artifact(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, extra
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
-    """Read and check the architecture JSON of an artifact."""
+def _read_meta(model_dir: str | Path) -> tuple[ModelConfig, dict]:
+    """Read and check the artifact's JSON once: its architecture, and the whole JSON."""
     path = Path(model_dir) / CONFIG_FILE
     try:
         meta = json.loads(path.read_text())
@@ -166,13 +166,17 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) != cfg.num_classes or not all(isinstance(c, str) for c in classes):
         raise ModelArtifactError(f"{path} does not name its {cfg.num_classes} classes; run `dvc repro train`")
-    return cfg
+    return cfg, meta
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """Read and check the architecture JSON of an artifact."""
+    return _read_meta(model_dir)[0]
 
 
 def artifact_info(model_dir: str | Path) -> dict:
     """The artifact's JSON: architecture, class names, and what training recorded (final_model, epoch, ...)."""
-    load_config(model_dir)  # validates
-    return dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+    return _read_meta(model_dir)[1]
 
 
 def load_artifact(model_dir: str | Path) -> tuple[nn.Module, ModelConfig]:
