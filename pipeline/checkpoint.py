@@ -106,6 +106,17 @@ def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
+def tensor_bytes(obj: object) -> int:
+    """The bytes of every tensor in ``obj`` (tensors, and dicts, lists and tuples of them, nested)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(
     run: Path,
     state: TrainState,
@@ -120,7 +131,7 @@ def save_checkpoint(
     The same step saved again (a resumed run finishing, say) replaces the one there.
     """
     final = run / checkpoint_name(state.global_step)
-    with atomic_path(final, folder=True) as tmp:
+    with atomic_path(final, folder=True, needs=tensor_bytes((model, best, optimizer))) as tmp:
         save_file(_cpu(model), str(tmp / "model.safetensors"))
         save_file(_cpu(best), str(tmp / "best.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable[..., int | None])
+
+# Set by pipeline.launch in the processes it starts: the folder that collects each process's error line,
+# and the launcher's pid (a process whose parent is no longer that launcher prints its line itself).
+ERROR_DIR_VAR = "PIPELINE_ERROR_DIR"
+LAUNCHER_PID_VAR = "PIPELINE_LAUNCHER_PID"
 
 
 class PipelineError(Exception):
@@ -48,10 +57,26 @@ def cli(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except PipelineError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(getattr(e, "exit_code", 2)) from None
+            raise SystemExit(report(str(e), getattr(e, "exit_code", 2))) from None
         except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+            raise SystemExit(report("interrupted", 130)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def report(message: str, code: int) -> int:
+    """Say ``error: message`` once; return ``code``.
+
+    Under pipeline.launch the line goes to the launcher, which prints one line for the whole group
+    (every process of a group usually fails alike); anywhere else, or once that launcher is gone, to stderr.
+    """
+    folder, launcher = os.environ.get(ERROR_DIR_VAR), os.environ.get(LAUNCHER_PID_VAR)
+    if folder and launcher == str(os.getppid()):
+        entry = {"message": message, "code": code, "rank": int(os.environ.get("RANK", "0")), "time": time.time()}
+        try:
+            (Path(folder) / f"{os.getpid()}.json").write_text(json.dumps(entry))
+            return code
+        except OSError:
+            pass
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code

@@ -88,10 +88,11 @@ def remove_partial(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_path(final: str | Path, folder: bool = False) -> Iterator[Path]:
+def atomic_path(final: str | Path, folder: bool = False, needs: int = 0) -> Iterator[Path]:
     """A temporary path beside ``final`` to write (a file, or a ``folder`` to fill); renamed to ``final`` at the end.
 
-    If the block raises, the temporary path is removed and ``final`` is left as it was.
+    If the block raises, the temporary path is removed and ``final`` is left as it was. ``needs``, the bytes the
+    write is expected to take, goes into the message when the disk fills.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -107,18 +108,29 @@ def atomic_path(final: str | Path, folder: bool = False) -> Iterator[Path]:
         _settle(tmp, _umask())
         _replace(tmp, final)
     except Exception as e:
-        free = shutil.disk_usage(final.parent).free
-        if _disk_full(e, free):
-            raise DiskFullError(
-                f"no space left on device writing {final} ({free / 2**20:.1f} MiB free in {final.parent}); "
-                "free space there and run again (what was there before is kept)"
-            ) from None
+        if _disk_full(e, shutil.disk_usage(final.parent).free):
+            _remove(tmp)
+            raise DiskFullError(_no_space(final, needs, shutil.disk_usage(final.parent).free)) from None
         raise
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+def _no_space(final: Path, needs: int, free: int) -> str:
+    """The one line for a write that filled the disk; ``free`` is measured once the partial write is gone."""
+    room = (f"it needs about {_mib(needs)}, " if needs else "") + f"{_mib(free)} free in {final.parent}"
+    return f"no space left on device writing {final} ({room}); free space there and run again (what was there is kept)"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def write_text(path: str | Path, text: str) -> None:

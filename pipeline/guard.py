@@ -3,7 +3,8 @@
 - :func:`hold_checkpoint_dir` takes an OS file lock on the checkpoint folder for the run's life. A
   second trainer on the same folder is refused in one line; the OS drops the lock when its holder
   dies, however it dies, so a stale lock never blocks anyone.
-- :class:`Stopper` turns SIGTERM into a one-line :class:`~pipeline.errors.Stopped`, and stops the
+- :class:`Stopper` turns SIGTERM into a one-line :class:`~pipeline.errors.Stopped`, takes one Ctrl-C
+  (the terminal's and a launcher's copy of the same interrupt arrive both), and stops the
   run when the processes it was started by (``dvc``, the shell ``dvc`` ran, ``accelerate launch``,
   torchrun) are gone, so that no trainer trains on as an orphan.
 """
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import psutil
 from filelock import FileLock, Timeout
@@ -105,7 +107,10 @@ def starters(env: Mapping[str, str] | None = None) -> list[psutil.Process]:
 class Stopper:
     """Raise :class:`Stopped` in the main thread on SIGTERM, or when a starter process is gone.
 
-    Use as a context manager around the run; it restores the previous SIGTERM handler on exit.
+    The first SIGINT raises KeyboardInterrupt and later ones are ignored, so that the copies of one Ctrl-C
+    (from the terminal, and forwarded by the launcher) cannot break into the unwinding of the first.
+    Use as a context manager around the run; it restores the previous handlers on exit (SIGINT's only
+    when there was no interrupt).
     """
 
     def __init__(self, watch: list[psutil.Process], poll_s: float = 1.0, grace_s: float = 30.0) -> None:
@@ -113,19 +118,29 @@ class Stopper:
         self.names = {p.pid: _describe(p) for p in watch}  # while they are alive to be asked
         self.reason = ""
         self._done = threading.Event()
-        self._previous: signal.Handlers | None = None
+        self._previous: dict[int, Any] = {}
+        self._interrupted = False
 
     def __enter__(self) -> Stopper:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)  # type: ignore[assignment]
+            self._previous = {
+                signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
+                signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint),
+            }
         if self.watch:
             threading.Thread(target=self._watch, name="starter-watch", daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            if not (signum == signal.SIGINT and self._interrupted):
+                signal.signal(signum, handler)
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self._interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         reason = self.reason or "stopped by SIGTERM"

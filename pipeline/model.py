@@ -133,7 +133,8 @@ def save_artifact(model: nn.Module, cfg: ModelConfig, out_dir: str | Path, extra
     bad = [k for k in state if k.startswith(("module.", "_orig_mod."))]
     assert not bad, f"wrapped model passed to save_artifact: {bad[:3]}"
     meta = {"format": ARTIFACT_FORMAT, "model": dataclasses.asdict(cfg), "classes": list(CLASSES), **(extra or {})}
-    with atomic_path(out_dir, folder=True) as tmp:
+    needs = sum(t.numel() * t.element_size() for t in state.values())
+    with atomic_path(out_dir, folder=True, needs=needs) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": str(ARTIFACT_FORMAT)})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 

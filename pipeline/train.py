@@ -1,6 +1,7 @@
-"""Train stage: ``accelerate launch -m pipeline.train [--params params.yaml] [--data data/raw] [--model-dir models]``.
+"""Train stage: ``python -m pipeline.launch -m pipeline.train [--params params.yaml] [--data data/raw] [...]``.
 
-``python -m pipeline.train`` runs one process without a launcher; ``torchrun -m pipeline.train`` works too. Reads the
+``pipeline.launch`` is ``accelerate launch`` with failures in one line; ``accelerate launch -m pipeline.train`` and
+``torchrun -m pipeline.train`` work too, and ``python -m pipeline.train`` runs one process without a launcher. Reads the
 ``data``, ``model`` and ``train`` sections of params.yaml; writes the model artifact
 (safetensors + JSON) and per-epoch DVCLive metrics.
 """
@@ -137,7 +138,7 @@ class Paths:
 def command(params: Path, paths: Paths, launcher: Sequence[str] = (), *extra: str) -> list[str]:
     """This stage's command line, as dvc.yaml runs it: ``launcher -m pipeline.train`` (no launcher: this Python).
 
-    ``launcher`` is e.g. ``["accelerate", "launch", "--num_processes", "2"]`` or ``["torchrun", ...]``;
+    ``launcher`` is e.g. ``["python", "-m", "pipeline.launch", "--num_processes", "2"]`` or ``["torchrun", ...]``;
     ``extra`` are more of this stage's flags (``--keep-state``, ``--cpu-threads 1``).
     """
     return [*(launcher or [sys.executable]), "-m", "pipeline.train", "--params", str(params),

@@ -112,8 +112,8 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def accelerate_launcher(processes: int, *extra: str) -> list[str]:
-    """``accelerate launch`` of ``processes`` CPU processes (gloo) of one thread each, on a free port."""
-    return ["accelerate", "launch", "--quiet", "--multi_gpu", "--num_processes", str(processes),
+    """The pipeline's launcher (dvc.yaml's) of ``processes`` CPU processes (gloo) of one thread each, on a free port."""
+    return [sys.executable, "-m", "pipeline.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), *extra]  # fmt: skip
 
 

@@ -109,6 +109,10 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_not_a_torch_traceback(small_
     from pipeline.checkpoint import TrainState, save_checkpoint
 
     weights = {"w": torch.zeros(300_000)}  # 1.2 MB: does not fit
-    with pytest.raises(DiskFullError, match=r"no space left on device writing .*step-00000000 "):
-        save_checkpoint(small_disk, TrainState(fingerprint="f"), weights, weights, {}, {}, keep=2)
+    optimizer = {"state": {0: {"exp_avg": torch.zeros(100_000)}}, "param_groups": [{"lr": 0.1}]}
+    with pytest.raises(DiskFullError) as caught:
+        save_checkpoint(small_disk, TrainState(fingerprint="f"), weights, weights, optimizer, {}, keep=2)
+    line = str(caught.value)  # needs: model + best + optimizer; free: the whole 1 MiB, the partial write gone
+    assert line.startswith(f"no space left on device writing {small_disk}/step-00000000 (it needs about 2.7 MiB, ")
+    assert f" 1.0 MiB free in {small_disk}); free space there" in line
     assert not list(small_disk.iterdir())

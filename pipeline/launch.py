@@ -1,0 +1,168 @@
+"""``accelerate launch`` for the pipeline's stages, with a failure told in one line.
+
+    python -m pipeline.launch [accelerate launch options] -m pipeline.train [train options]
+
+It takes ``accelerate launch``'s options and runs its launchers, and adds:
+
+- ``ACCELERATE_CONFIG_FILE``, when set and ``--config_file`` is not given, is the config file;
+- a failure ends in one ``error: ...`` line, with no launcher traceback. Each process hands its line
+  to this launcher instead of printing it; the launcher prints the first failure's line, then any
+  other process's line that says something else. A process that failed without a line (killed by a
+  signal, or a bug's traceback above) is named with how it ended. Lines of processes that were only
+  stopped because another one failed are left out. The exit status is the first failure's;
+- Ctrl-C: ``error: interrupted``, once, exit status 130;
+- no "values were not passed ... had defaults used instead" warning when there is no accelerate config;
+- torch's launcher log (closing signals, restarts) stays quiet unless ``LOGLEVEL`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import psutil
+
+from pipeline.errors import ERROR_DIR_VAR, LAUNCHER_PID_VAR, Stopped
+
+CONFIG_FILE_VAR = "ACCELERATE_CONFIG_FILE"
+DEFAULTS_WARNING = "had defaults used instead"
+TORCH_LAUNCHER_LOGS = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one process ended: its own line (``told``), or how it ended when it left none."""
+
+    message: str
+    code: int
+    time: float
+    told: bool = True
+
+
+def with_config_file(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """``argv`` with ``--config_file $ACCELERATE_CONFIG_FILE`` in front when that is set and none is given."""
+    given = any(a.split("=")[0] in ("--config_file", "--config-file") for a in argv)
+    return list(argv) if given or not env.get(CONFIG_FILE_VAR) else ["--config_file", env[CONFIG_FILE_VAR], *argv]
+
+
+def told(folder: Path) -> dict[int, Failure]:
+    """The lines the processes handed in, by rank (a line that cannot be read is skipped)."""
+    out = {}
+    for path in folder.glob("*.json"):
+        try:
+            entry = json.loads(path.read_text())
+            out[int(entry["rank"])] = Failure(str(entry["message"]), int(entry["code"]), float(entry["time"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def to_print(failures: Sequence[Failure]) -> list[str]:
+    """The lines to show: failures without a line of their own first, then by time; repeats dropped,
+    and "stopped" lines dropped when another failure explains them."""
+    ordered = sorted(failures, key=lambda f: (f.told, f.time))
+    causes = [f for f in ordered if f.code != Stopped.exit_code] or ordered[:1]
+    lines: list[str] = []
+    for f in causes:
+        if f.message not in lines:
+            lines.append(f.message)
+    return lines
+
+
+def exit_code(failures: Sequence[Failure]) -> int:
+    """The status of the failure printed first; 0 when nothing failed."""
+    if not failures:
+        return 0
+    ordered = sorted(failures, key=lambda f: (f.told, f.time))
+    return next((f.code for f in ordered if f.code != Stopped.exit_code), ordered[0].code)
+
+
+def _ended(how: int, who: str, when: float) -> Failure:
+    """A process that failed without saying why: ``how`` is its exit status, or minus the signal that killed it."""
+    if how < 0:
+        line = f"{who} was killed by {signal.Signals(-how).name}; run it again to resume from the newest checkpoint"
+        return Failure(line, 128 - how, when, told=False)
+    return Failure(f"{who} exited with status {how} (its output above says why)", how, when, told=False)
+
+
+def launch(args: object) -> dict[int, Failure]:
+    """Run accelerate's launcher; the processes that failed without a line of their own, by rank."""
+    from accelerate.commands.launch import launch_command
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        launch_command(args)
+    except ChildFailedError as e:
+        return {rank: _ended(f.exitcode, f"rank {rank} (pid {f.pid})", f.timestamp) for rank, f in e.failures.items()}
+    except subprocess.CalledProcessError as e:
+        return {0: _ended(e.returncode, "the process", 0.0)}
+    except SignalException as e:
+        return {-1: _signalled(e.sigval)}
+    except KeyboardInterrupt:
+        return {-1: _signalled(signal.SIGINT)}
+    except SystemExit as e:  # accelerate's --quiet one-process launcher exits 1 on any failure
+        if e.code:
+            return {0: Failure("the process failed (its output above says why)", 1, 0.0, told=False)}
+    return {}
+
+
+def _signalled(sig: int) -> Failure:
+    """The launcher itself was signalled: its processes' own lines (sorted first) say more, if they left any."""
+    message = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+    return Failure(message, 128 + sig, float("inf"))
+
+
+def _forward_interrupt(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C while one process runs: pass it on and wait for the process to end (it says its line)."""
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signal.SIGINT)
+        except psutil.Error:
+            pass
+
+
+def quiet_launcher_logs(env: Mapping[str, str]) -> None:
+    """Keep the launchers' log off stderr: accelerate's "values ... had defaults used instead" warning (its
+    defaults, one process and the precision params decide, are the stage's), and unless LOGLEVEL is set,
+    torch's launcher log (closing signals, restarts, failure tables)."""
+    logging.getLogger("accelerate.commands.launch").addFilter(lambda r: DEFAULTS_WARNING not in r.getMessage())
+    if env.get("LOGLEVEL"):
+        return
+    for name in TORCH_LAUNCHER_LOGS:
+        logger = logging.getLogger(name)
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from accelerate.commands.launch import launch_command_parser
+
+    args = launch_command_parser().parse_args(with_config_file(sys.argv[1:] if argv is None else argv, os.environ))
+    quiet_launcher_logs(os.environ)
+    previous = signal.signal(signal.SIGINT, _forward_interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pipeline-launch-") as folder:
+            os.environ.update({ERROR_DIR_VAR: folder, LAUNCHER_PID_VAR: str(os.getpid())})
+            unexplained = launch(args)
+            failures = {**unexplained, **told(Path(folder))}  # a process's own line over how it ended
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for var in (ERROR_DIR_VAR, LAUNCHER_PID_VAR):
+            os.environ.pop(var, None)
+    for line in to_print(list(failures.values())):
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    return exit_code(list(failures.values()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""pipeline.launch: accelerate's launchers, with every failure of a launched group told in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.launch import Failure, exit_code, to_print, with_config_file
+from tests.conftest import REPO, child_env, free_port
+
+STOPPED = 143
+
+
+def test_the_config_file_from_the_environment_goes_first_unless_one_is_given():
+    env = {"ACCELERATE_CONFIG_FILE": "/my configs/2 procs.yaml"}
+    assert with_config_file(["-m", "x"], env) == ["--config_file", "/my configs/2 procs.yaml", "-m", "x"]
+    assert with_config_file(["--config_file", "a.yaml", "-m", "x"], env) == ["--config_file", "a.yaml", "-m", "x"]
+    assert with_config_file(["--config-file=a.yaml", "-m", "x"], env) == ["--config-file=a.yaml", "-m", "x"]
+    assert with_config_file(["-m", "x"], {"ACCELERATE_CONFIG_FILE": ""}) == ["-m", "x"]
+
+
+def test_one_line_for_a_group_that_fails_alike_and_the_cause_before_its_consequences():
+    same = [Failure("bad params", 2, 10.0), Failure("bad params", 2, 9.0)]
+    assert to_print(same) == ["bad params"] and exit_code(same) == 2
+    caused = [Failure("stopped by SIGTERM; run it again", STOPPED, 5.0), Failure("rank 1 has no data", 2, 6.0)]
+    assert to_print(caused) == ["rank 1 has no data"] and exit_code(caused) == 2
+    killed = [Failure("stopped by SIGTERM", STOPPED, 1.0), Failure("rank 1 was killed", 137, 9.0, told=False)]
+    assert to_print(killed) == ["rank 1 was killed"] and exit_code(killed) == 137
+    stopped = [Failure("stopped by SIGTERM", STOPPED, float("inf")), Failure("stopped; run it again", STOPPED, 3.0)]
+    assert to_print(stopped) == ["stopped; run it again"] and exit_code(stopped) == STOPPED
+    differ = [Failure("disk full on rank 0", 2, 1.0), Failure("rank 1 has no data", 2, 2.0)]
+    assert to_print(differ) == ["disk full on rank 0", "rank 1 has no data"]
+    assert to_print([]) == [] and exit_code([]) == 0
+
+
+def launcher(processes: int) -> list[str]:
+    """No accelerate config and no flags beyond the count: accelerate's defaults warning must stay off stderr."""
+    if processes == 1:
+        return [sys.executable, "-m", "pipeline.launch"]
+    return [sys.executable, "-m", "pipeline.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(free_port())]  # fmt: skip
+
+
+def start(processes: int, plan: str, ready: Path, **env: str) -> subprocess.Popen[str]:
+    ready.mkdir(exist_ok=True)
+    cmd = [*launcher(processes), "-m", "tests.launched", plan, str(ready)]
+    env = {"HF_HOME": str(ready.parent / "no-accelerate-config"), **env}
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, list[str]]:
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the launch did not end")
+    return proc.returncode, err.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("processes", "plan", "line", "code"),
+    [
+        (1, "error:all", "error: the params are bad; fix them", 2),
+        (2, "error:all", "error: the params are bad; fix them", 2),
+        (2, "error:1", "error: rank 1 has no data; fetch it", 2),
+        (2, "kill:1", "error: rank 1 (pid *) was killed by SIGKILL; run it again to resume from the newest checkpoint",
+         137),
+    ],
+    ids=["1proc", "2proc-alike", "2proc-one-rank", "2proc-killed"],
+)  # fmt: skip
+def test_a_failing_launch_says_one_line_and_no_traceback(tmp_path, processes, plan, line, code):
+    returncode, err = finish(start(processes, plan, tmp_path / "ready"))
+    assert returncode == code
+    assert len(err) == 1, err
+    prefix, _, suffix = line.partition("*")
+    assert err[0].startswith(prefix) and err[0].endswith(suffix)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2], ids=["1proc", "2proc"])
+def test_ctrl_c_says_interrupted_once(tmp_path, processes):
+    ready = tmp_path / "ready"
+    proc = start(processes, "wait:none", ready)
+    deadline = time.monotonic() + 60
+    while len(list(ready.iterdir())) < processes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
+    returncode, err = finish(proc)
+    assert (returncode, err) == (130, ["error: interrupted"])
+
+
+@pytest.mark.slow
+def test_a_bug_keeps_its_traceback_and_the_launch_names_the_process(tmp_path):
+    returncode, err = finish(start(1, "bug:all", tmp_path / "ready"))
+    assert returncode == 1 and "RuntimeError: a bug" in err
+    assert err[-1] == "error: the process exited with status 1 (its output above says why)"
+
+
+@pytest.mark.slow
+def test_the_config_file_named_by_the_environment_is_used_spaces_and_all(tmp_path):
+    config = tmp_path / "my configs" / "2 procs.yaml"
+    config.parent.mkdir()
+    config.write_text(
+        (REPO / "scripts" / "accelerate" / "cpu-2proc.yaml").read_text() + f"main_process_port: {free_port()}\n"
+    )
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    cmd = [sys.executable, "-m", "pipeline.launch", "-m", "tests.launched", "ok:all", str(ready)]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(ACCELERATE_CONFIG_FILE=str(config)), capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in ready.iterdir()) == ["0", "1"]  # two processes: the file's setting
