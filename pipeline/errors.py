@@ -47,6 +47,21 @@ class Stopped(PipelineError):
     """The run was told to stop (SIGTERM, or the process that started it is gone)."""
 
     exit_code = 143  # 128 + SIGTERM, as a shell reports a process ended by it
+    consequence = True  # of another process's failure, or of the user's stop: a group's launcher tells the cause
+
+
+# How a collective reports a peer process that died mid-step (gloo on CPU; NCCL aborts the communicator).
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """The one line for a collective that failed because another process of the group died; None otherwise."""
+    if not isinstance(e, RuntimeError) or not any(s in str(e) for s in PEER_LOST):
+        return None
+    return (
+        "another process of this group died mid-step, so this one cannot go on; its own line (or the launcher's) "
+        "says why; run it again to resume from the newest checkpoint"
+    )
 
 
 def cli(main: F) -> F:
@@ -57,22 +72,30 @@ def cli(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except PipelineError as e:
-            raise SystemExit(report(str(e), getattr(e, "exit_code", 2))) from None
+            raise SystemExit(report(str(e), getattr(e, "exit_code", 2), getattr(e, "consequence", False))) from None
         except KeyboardInterrupt:
             raise SystemExit(report("interrupted", 130)) from None
+        except RuntimeError as e:
+            line = peer_lost(e)
+            if line is None:
+                raise
+            raise SystemExit(report(line, 1, consequence=True)) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def report(message: str, code: int) -> int:
+def report(message: str, code: int, consequence: bool = False) -> int:
     """Say ``error: message`` once; return ``code``.
 
     Under pipeline.launch the line goes to the launcher, which prints one line for the whole group
-    (every process of a group usually fails alike); anywhere else, or once that launcher is gone, to stderr.
+    (every process of a group usually fails alike, and a ``consequence`` of another's failure is left out
+    when that one told its cause); anywhere else, or once that launcher is gone, to stderr.
     """
     folder, launcher = os.environ.get(ERROR_DIR_VAR), os.environ.get(LAUNCHER_PID_VAR)
     if folder and launcher == str(os.getppid()):
-        entry = {"message": message, "code": code, "rank": int(os.environ.get("RANK", "0")), "time": time.time()}
+        entry = {"message": message, "code": code, "consequence": consequence, "time": time.time(),
+                 "rank": int(os.environ.get("RANK", "0")),
+                 "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}  # fmt: skip
         try:
             (Path(folder) / f"{os.getpid()}.json").write_text(json.dumps(entry))
             return code

@@ -4,7 +4,9 @@
 
 It takes ``accelerate launch``'s options and runs its launchers, and adds:
 
-- ``ACCELERATE_CONFIG_FILE``, when set and ``--config_file`` is not given, is the config file;
+- ``ACCELERATE_CONFIG_FILE``, when set and ``--config_file`` is not given, is the config file, and
+  ``PET_MAX_RESTARTS`` (torchrun's variable) the ``--max_restarts``: how often the group restarts after
+  losing a worker, each time resuming from the newest checkpoint;
 - a failure ends in one ``error: ...`` line, with no launcher traceback. Each process hands its line
   to this launcher instead of printing it; the launcher prints the first failure's line, then any
   other process's line that says something else. A process that failed without a line (killed by a
@@ -31,9 +33,11 @@ from types import FrameType
 
 import psutil
 
-from pipeline.errors import ERROR_DIR_VAR, LAUNCHER_PID_VAR, Stopped
+from pipeline.errors import ERROR_DIR_VAR, LAUNCHER_PID_VAR
 
-CONFIG_FILE_VAR = "ACCELERATE_CONFIG_FILE"
+# options a dvc.yaml command cannot take from the user, taken from the environment when not given:
+# the accelerate config, and torchrun's own variable for --max-restarts (restarts of a group that lost a worker)
+FROM_ENV = {"--config_file": "ACCELERATE_CONFIG_FILE", "--max_restarts": "PET_MAX_RESTARTS"}
 DEFAULTS_WARNING = "had defaults used instead"
 TORCH_LAUNCHER_LOGS = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
 
@@ -46,31 +50,41 @@ class Failure:
     code: int
     time: float
     told: bool = True
+    consequence: bool = False  # of another process's failure (stopped, or lost a peer): left out if that one told
 
 
-def with_config_file(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    """``argv`` with ``--config_file $ACCELERATE_CONFIG_FILE`` in front when that is set and none is given."""
-    given = any(a.split("=")[0] in ("--config_file", "--config-file") for a in argv)
-    return list(argv) if given or not env.get(CONFIG_FILE_VAR) else ["--config_file", env[CONFIG_FILE_VAR], *argv]
+def with_env_defaults(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """``argv`` with each option of :data:`FROM_ENV` that its launcher part lacks put in front, from its variable."""
+    mine = argv[: argv.index("-m")] if "-m" in argv else argv  # after -m: the module's own arguments
+    given = {a.split("=")[0].replace("-", "_") for a in mine if a.startswith("--")}
+    front = [x for flag, var in FROM_ENV.items() if env.get(var) and flag.replace("-", "_") not in given
+             for x in (flag, env[var])]  # fmt: skip
+    return [*front, *argv]
 
 
 def told(folder: Path) -> dict[int, Failure]:
-    """The lines the processes handed in, by rank (a line that cannot be read is skipped)."""
-    out = {}
+    """The lines the processes of the last attempt handed in, by rank (a line that cannot be read is skipped).
+
+    Under ``--max_restarts`` a group that failed and restarted has left lines of earlier attempts too.
+    """
+    entries = []
     for path in folder.glob("*.json"):
         try:
             entry = json.loads(path.read_text())
-            out[int(entry["rank"])] = Failure(str(entry["message"]), int(entry["code"]), float(entry["time"]))
+            failure = Failure(str(entry["message"]), int(entry["code"]), float(entry["time"]),
+                              consequence=bool(entry["consequence"]))  # fmt: skip
+            entries.append((int(entry["attempt"]), int(entry["rank"]), failure))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return out
+    last = max((attempt for attempt, _, _ in entries), default=0)
+    return {rank: failure for attempt, rank, failure in entries if attempt == last}
 
 
 def to_print(failures: Sequence[Failure]) -> list[str]:
     """The lines to show: failures without a line of their own first, then by time; repeats dropped,
     and "stopped" lines dropped when another failure explains them."""
     ordered = sorted(failures, key=lambda f: (f.told, f.time))
-    causes = [f for f in ordered if f.code != Stopped.exit_code] or ordered[:1]
+    causes = [f for f in ordered if not f.consequence] or ordered[:1]
     lines: list[str] = []
     for f in causes:
         if f.message not in lines:
@@ -83,7 +97,7 @@ def exit_code(failures: Sequence[Failure]) -> int:
     if not failures:
         return 0
     ordered = sorted(failures, key=lambda f: (f.told, f.time))
-    return next((f.code for f in ordered if f.code != Stopped.exit_code), ordered[0].code)
+    return next((f.code for f in ordered if not f.consequence), ordered[0].code)
 
 
 def _ended(how: int, who: str, when: float) -> Failure:
@@ -95,7 +109,7 @@ def _ended(how: int, who: str, when: float) -> Failure:
 
 
 def launch(args: object) -> dict[int, Failure]:
-    """Run accelerate's launcher; the processes that failed without a line of their own, by rank."""
+    """Run accelerate's launcher; how its processes failed, by rank (-1: the launcher itself); empty if none did."""
     from accelerate.commands.launch import launch_command
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -119,7 +133,7 @@ def launch(args: object) -> dict[int, Failure]:
 def _signalled(sig: int) -> Failure:
     """The launcher itself was signalled: its processes' own lines (sorted first) say more, if they left any."""
     message = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
-    return Failure(message, 128 + sig, float("inf"))
+    return Failure(message, 128 + sig, float("inf"), consequence=True)
 
 
 def _forward_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -147,14 +161,14 @@ def quiet_launcher_logs(env: Mapping[str, str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command_parser
 
-    args = launch_command_parser().parse_args(with_config_file(sys.argv[1:] if argv is None else argv, os.environ))
+    args = launch_command_parser().parse_args(with_env_defaults(sys.argv[1:] if argv is None else argv, os.environ))
     quiet_launcher_logs(os.environ)
     previous = signal.signal(signal.SIGINT, _forward_interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="pipeline-launch-") as folder:
             os.environ.update({ERROR_DIR_VAR: folder, LAUNCHER_PID_VAR: str(os.getpid())})
-            unexplained = launch(args)
-            failures = {**unexplained, **told(Path(folder))}  # a process's own line over how it ended
+            unexplained = launch(args)  # empty when the launch succeeded (after restarts, maybe)
+            failures = {**unexplained, **told(Path(folder))} if unexplained else {}  # a line over how it ended
     finally:
         signal.signal(signal.SIGINT, previous)
         for var in (ERROR_DIR_VAR, LAUNCHER_PID_VAR):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -64,6 +65,7 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
             "process, so it would wait for peers that never come; start N processes with "
             "`accelerate launch --multi_gpu --num_processes N -m pipeline.train`, or unset WORLD_SIZE for one process"
         )
+    join_restarted_group(os.environ)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
     if accelerator.device.type == "cpu":
         if accelerator.mixed_precision == "fp16":
@@ -80,6 +82,25 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
             "or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N`"
         )
     return accelerator
+
+
+def join_restarted_group(env: Mapping[str, str]) -> None:
+    """After a restart by torchrun's elastic agent, join the process group under a store prefix of this attempt.
+
+    The agent keeps one store across restarts, so a restarted group would find the dead attempt's peer
+    addresses there and fail to connect ("Connection refused", pytorch/pytorch#167288). Accelerate then
+    uses the group as it is. The first attempt, and any run not restarted, joins as Accelerate does.
+    """
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or int(env.get("WORLD_SIZE", "1")) == 1 or torch.distributed.is_initialized():
+        return
+    store, rank, world = next(torch.distributed.rendezvous("env://"))
+    torch.distributed.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        store=torch.distributed.PrefixStore(f"restart-{attempt}", store),
+        rank=rank,
+        world_size=world,
+    )
 
 
 def say(accelerator: Accelerator, message: str) -> None:

@@ -95,3 +95,22 @@ def test_only_a_launcher_or_dvc_is_watched():
     assert starters({}) == []  # run by hand: nohup keeps working
     (launcher,) = starters({"LOCAL_RANK": "0"})
     assert launcher.pid == os.getppid()
+
+
+def test_one_ctrl_c_interrupts_once_and_its_copies_cannot_break_into_the_unwinding():
+    from pipeline.guard import Stopper
+
+    before = signal.getsignal(signal.SIGINT)
+    unwound = False
+    try:
+        with pytest.raises(KeyboardInterrupt), Stopper([]):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # the terminal's
+                time.sleep(1)
+            finally:
+                os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy, while the first unwinds
+                time.sleep(0.05)
+                unwound = True
+        assert unwound and signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # until the process ends
+    finally:
+        signal.signal(signal.SIGINT, before)

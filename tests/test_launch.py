@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,32 +12,49 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launch import Failure, exit_code, to_print, with_config_file
+from pipeline.launch import Failure, exit_code, to_print, told, with_env_defaults
 from tests.conftest import REPO, child_env, free_port
 
-STOPPED = 143
 
-
-def test_the_config_file_from_the_environment_goes_first_unless_one_is_given():
-    env = {"ACCELERATE_CONFIG_FILE": "/my configs/2 procs.yaml"}
-    assert with_config_file(["-m", "x"], env) == ["--config_file", "/my configs/2 procs.yaml", "-m", "x"]
-    assert with_config_file(["--config_file", "a.yaml", "-m", "x"], env) == ["--config_file", "a.yaml", "-m", "x"]
-    assert with_config_file(["--config-file=a.yaml", "-m", "x"], env) == ["--config-file=a.yaml", "-m", "x"]
-    assert with_config_file(["-m", "x"], {"ACCELERATE_CONFIG_FILE": ""}) == ["-m", "x"]
+def test_the_config_file_and_restarts_from_the_environment_go_first_unless_given():
+    env = {"ACCELERATE_CONFIG_FILE": "/my configs/2 procs.yaml", "PET_MAX_RESTARTS": "3"}
+    assert with_env_defaults(["-m", "x"], env) == [
+        "--config_file", "/my configs/2 procs.yaml", "--max_restarts", "3", "-m", "x"]  # fmt: skip
+    assert with_env_defaults(["--config_file", "a.yaml", "--max-restarts=1", "-m", "x"], env) == [
+        "--config_file", "a.yaml", "--max-restarts=1", "-m", "x"]  # fmt: skip
+    assert with_env_defaults(["--config-file=a.yaml", "-m", "x"], {"ACCELERATE_CONFIG_FILE": "b.yaml"}) == [
+        "--config-file=a.yaml", "-m", "x"]  # fmt: skip
+    assert with_env_defaults(["-m", "x"], {"ACCELERATE_CONFIG_FILE": ""}) == ["-m", "x"]
+    assert with_env_defaults(["-m", "x", "--max_restarts", "1"], env)[:4] == [
+        "--config_file",
+        env["ACCELERATE_CONFIG_FILE"],
+        "--max_restarts",
+        "3",
+    ]  # the module's own arguments are not the launcher's
 
 
 def test_one_line_for_a_group_that_fails_alike_and_the_cause_before_its_consequences():
     same = [Failure("bad params", 2, 10.0), Failure("bad params", 2, 9.0)]
     assert to_print(same) == ["bad params"] and exit_code(same) == 2
-    caused = [Failure("stopped by SIGTERM; run it again", STOPPED, 5.0), Failure("rank 1 has no data", 2, 6.0)]
+    caused = [Failure("stopped by SIGTERM; run it again", 143, 5.0, consequence=True),
+              Failure("rank 1 has no data", 2, 6.0)]  # fmt: skip
     assert to_print(caused) == ["rank 1 has no data"] and exit_code(caused) == 2
-    killed = [Failure("stopped by SIGTERM", STOPPED, 1.0), Failure("rank 1 was killed", 137, 9.0, told=False)]
+    killed = [Failure("a peer died", 1, 1.0, consequence=True), Failure("rank 1 was killed", 137, 9.0, told=False)]
     assert to_print(killed) == ["rank 1 was killed"] and exit_code(killed) == 137
-    stopped = [Failure("stopped by SIGTERM", STOPPED, float("inf")), Failure("stopped; run it again", STOPPED, 3.0)]
-    assert to_print(stopped) == ["stopped; run it again"] and exit_code(stopped) == STOPPED
+    stopped = [Failure("stopped by SIGTERM", 143, float("inf"), consequence=True),
+               Failure("stopped; run it again", 143, 3.0, consequence=True)]  # fmt: skip
+    assert to_print(stopped) == ["stopped; run it again"] and exit_code(stopped) == 143
     differ = [Failure("disk full on rank 0", 2, 1.0), Failure("rank 1 has no data", 2, 2.0)]
     assert to_print(differ) == ["disk full on rank 0", "rank 1 has no data"]
     assert to_print([]) == [] and exit_code([]) == 0
+
+
+def test_only_the_last_attempts_lines_count_after_a_restart(tmp_path):
+    entry = {"code": 2, "consequence": False, "time": 1.0}
+    (tmp_path / "1.json").write_text(json.dumps({**entry, "message": "old", "rank": 0, "attempt": 0}))
+    (tmp_path / "2.json").write_text(json.dumps({**entry, "message": "new", "rank": 1, "attempt": 1}))
+    (tmp_path / "3.json").write_text("{not json")  # a line cut short: skipped
+    assert told(tmp_path) == {1: Failure("new", 2, 1.0)}
 
 
 def launcher(processes: int) -> list[str]:

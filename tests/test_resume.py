@@ -172,3 +172,32 @@ def test_a_checkpoint_that_does_not_fit_costs_one_line_and_the_previous_one_resu
     assert "resuming from" in resumed.stdout and "Traceback" not in resumed.stderr
     weights = (out / "models" / "model.safetensors").read_bytes()
     assert weights == (reference[1] / "models" / "model.safetensors").read_bytes()  # the previous one, bit for bit
+
+
+def test_a_killed_worker_restarts_with_its_group_and_resumes_bitwise(setup, reference, tmp_path):
+    # torchrun's elastic agent (accelerate launch --max_restarts) restarts the whole group when one worker
+    # dies; the restarted group joins under a store prefix of its own (runtime.join_restarted_group) and
+    # resumes from the newest checkpoint. One restart allowed (torchrun's PET_MAX_RESTARTS, as under dvc
+    # repro; --max_restarts 1 is accelerate's own flag): the group must come back at the first try.
+    _, raw, params = setup
+    out = tmp_path / "elastic"
+    cmd = train_command(out, params, raw, processes=2)
+    proc = subprocess.Popen(cmd, env=child_env(PET_MAX_RESTARTS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    run_dir = out / "checkpoints"
+    deadline = time.monotonic() + 120
+    while max((int(p.name[5:]) for p in run_dir.glob("*/step-*")), default=0) < 14 and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    time.sleep(0.02)  # mid-epoch, between two checkpoints
+    (worker,) = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+    worker.send_signal(signal.SIGKILL)  # one worker, not the launcher
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        pytest.fail("the launch did not end after its restart")
+    assert proc.returncode == 0, stderr
+    assert stdout.count("resuming from") == 1 and stderr == ""  # the dead attempt's lines are not shown
+    ref = reference[2]
+    assert (out / "models" / "model.safetensors").read_bytes() == (ref / "models" / "model.safetensors").read_bytes()
+    assert untimed_metrics(out) == untimed_metrics(ref) and curves(out) == curves(ref)
