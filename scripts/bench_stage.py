@@ -24,6 +24,8 @@ from pipeline.train import Paths, command
 from scripts.seed_loop import accuracy_on, sync
 
 ROOT = Path(__file__).resolve().parents[1]
+# --quick (a smoke run of every job, for tests): its sizes, in one place
+QUICK = {"train": 1_200, "val": 200, "test": 500, "epochs": 2, "throughput": 1_000}
 
 
 def recipe_params(recipe: str) -> Params:
@@ -69,12 +71,13 @@ def run_option(data: Path, samples: int, train_changes: dict[str, Any], seed: in
 def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict[str, Any]:
     """A whole recipe on the train stage; the test accuracy of every epoch's checkpoint afterwards (not timed)."""
     params = recipe_params(recipe)
-    smoke = {"data": {"subset": 2_500, "val_size": 500}, "train": {"epochs": min(2, params.train.epochs)}}
+    smoke = {"data": {"subset": QUICK["train"] + QUICK["val"], "val_size": QUICK["val"]},
+             "train": {"epochs": min(QUICK["epochs"], params.train.epochs)}}  # fmt: skip
     params = with_changes(params, smoke) if quick else params
     epochs = params.train.epochs
     params = with_changes(params, {"train": {"seed": seed, "keep_checkpoints": epochs, "checkpoint_every_steps": 0}})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    test = load_split(data, "test", 1_000 if quick else 0)
+    test = load_split(data, "test", QUICK["test"] if quick else 0)
     test_x, test_y = to_input(test.images).to(device), test.labels.to(device)
     train_n = len(load_split(data, "train", params.data.subset)) - params.data.val_size
     steps = (train_n // params.train.batch_size) * params.train.batch_size  # samples per epoch

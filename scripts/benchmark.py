@@ -41,7 +41,7 @@ import torch
 from pipeline.files import write_json
 from pipeline.provenance import cpu_model
 from scripts.bench_report import markdown, merge_rounds, summarise
-from scripts.bench_stage import profile_data_path, run_option, run_recipe
+from scripts.bench_stage import QUICK, profile_data_path, run_option, run_recipe
 from scripts.seed_loop import run_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,8 @@ def run_job(job: Job, data: Path, samples: int, quick: bool) -> dict[str, Any]:
         else:
             result = run_option(data, samples, OPTIONS[job.variant], job.seed)
     elif job.part == "accuracy" and job.variant == "seed":
-        result = run_seed(data, 2_500 if quick else 0, 2 if quick else 10, 1_000 if quick else 0)
+        sizes = (QUICK["train"] + QUICK["val"], QUICK["epochs"], QUICK["test"]) if quick else (0, 10, 0)
+        result = run_seed(data, *sizes)
     elif job.part == "accuracy":
         result = run_recipe(data, job.variant, job.seed, quick)
     else:
@@ -182,7 +183,7 @@ def machine_info(samples: int) -> dict:
 
 def main() -> int:
     args = parse_args()
-    samples = 2_000 if args.quick else args.samples
+    samples = QUICK["throughput"] if args.quick else args.samples
     data = Path(args.data).resolve()
     if args.job:  # a child process: one measurement
         print(json.dumps(run_job(args.job, data, samples, args.quick)))

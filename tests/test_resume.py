@@ -112,8 +112,11 @@ def reference(setup):
     return outs
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["1proc", "2proc"])
-@pytest.mark.parametrize("when", ["mid-epoch", "after-save", "during-save"])
+@pytest.mark.parametrize(
+    ("when", "processes"),
+    [("mid-epoch", 1), ("after-save", 1), ("during-save", 1), ("mid-epoch", 2)],
+    ids=["mid-epoch-1proc", "after-save-1proc", "during-save-1proc", "mid-epoch-2proc"],
+)  # only the main process saves, so the moments around a save differ in nothing with 2 processes
 def test_killed_run_resumes_to_bitwise_identical_weights_and_metrics(setup, reference, processes, when):
     root, raw, params = setup
     out = root / f"killed-{processes}-{when}"
