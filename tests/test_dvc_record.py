@@ -181,15 +181,24 @@ def test_git_checkout_then_dvc_checkout_keeps_the_pipeline_up_to_date(with_exper
     assert_up_to_date(repo)
 
 
-def test_a_fresh_clone_and_dvc_pull_from_a_remote_is_up_to_date(repo, first, tmp_path):
+def test_a_fresh_clone_and_dvc_pull_from_a_remote_is_up_to_date_and_serves_each_model_version(repo, first, tmp_path):
+    # as the README's "Share" section does it: a default remote committed with the repo, a registered version
     sh(repo, "dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
     sh(repo, "git", "commit", "-qam", "a shared remote")
+    sh(repo, "git", "tag", "-a", "fashion-cnn@v1.0.0", "-m", "first release")
     sh(repo, "dvc", "push")
     clone = tmp_path / "clone"
     sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
     sh(clone, "dvc", "pull")
     assert model_md5(clone) == first
     assert_up_to_date(clone)
+    # a teammate with only the repository's address: the version by name, its files from the remote
+    bare = tmp_path / "bare"
+    sh(tmp_path, "git", "clone", "-q", "--bare", str(repo), str(bare))  # no workspace, no DVC cache
+    got = tmp_path / "got"
+    sh(tmp_path, "dvc", "artifacts", "get", str(bare), "fashion-cnn", "--rev", "v1.0.0", "-o", str(got))
+    for name in ("model.safetensors", "model.json"):
+        assert (got / name).read_bytes() == (repo / "models" / name).read_bytes()  # the tagged commit's model
 
 
 def test_a_launcher_precision_that_params_do_not_record_is_refused(repo, tmp_path):
