@@ -1,20 +1,26 @@
-"""Classify images with a trained model: ``python -m scripts.predict [--model-dir models] IMAGE... | --idx N...``.
+"""Classify images with a trained model: ``python -m scripts.predict [--model-dir models] INPUT... | --idx N...``.
 
 The smallest honest "use the model" path. It rebuilds the model from its artifact
 (safetensors + architecture JSON, no pickle) and prints the top-k classes with
-probabilities for each input:
+probabilities for each input, or writes them to a CSV or JSON file:
 
-    python -m scripts.predict shirt.png boot.jpg        # image files, any size: grey, 28x28
+    python -m scripts.predict shirt.png boot.jpg        # image files, any size: grey, letterboxed to 28x28
+    python -m scripts.predict photos/ "shots/*.jpg"     # every image in a folder; a glob (quoted or not)
+    python -m scripts.predict photos/ --out preds.csv   # or preds.json: the top-k of each input
     python -m scripts.predict --idx 0 1 2               # test-set samples from data/raw
-    python -m scripts.predict --idx 0 --top-k 3
 
 Images are read like Fashion-MNIST: light garment on a dark background. Pass
-``--invert`` for photos of dark items on a light background.
+``--invert`` for photos of dark items on a light background. A non-square image is
+letterboxed (padded with the background, never stretched) before it is resized.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
+import io
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +30,7 @@ import torch
 from pipeline.batches import to_input
 from pipeline.dataset import CLASSES, load_split
 from pipeline.errors import DataError, cli
+from pipeline.files import write_text
 from pipeline.model import ModelConfig, artifact_info, load_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Print the top-k Fashion-MNIST classes for images or test samples.")
-    p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...) to classify")
+    p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...), folders of them, or globs to classify")
     p.add_argument("--idx", type=int, nargs="+", metavar="N", help="classify test-set samples N... instead")
     p.add_argument("--model-dir", default="models", help="model artifact folder (default: %(default)s)")
     p.add_argument("--data", default="data/raw", help="IDX folder, for --idx (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=3, help="classes to print per input (default: %(default)s)")
     p.add_argument("--invert", action="store_true", help="invert image files (dark item on light background)")
+    p.add_argument("--out", type=Path, help="write the results to this .csv or .json file instead of printing them")
     args = p.parse_args(argv)
+    if args.out is not None and args.out.suffix not in (".csv", ".json"):
+        p.error(f"--out {args.out}: give a .csv or .json file")
     if bool(args.images) == bool(args.idx):
         p.error("give image files or --idx, not both or neither")
     if not 1 <= args.top_k <= len(CLASSES):
@@ -46,11 +56,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 MAX_PIXELS = 40_000_000  # a photo of 40 megapixels is fine; a decompression bomb is refused before decoding
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def expand_inputs(args: list[str]) -> list[Path]:
+    """Files as given; a folder as the image files in it, sorted; a glob (a pattern no file is named) as its
+    matches, sorted. A folder without images, or a glob that matches nothing, is an error."""
+    paths: list[Path] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise DataError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif not path.exists() and glob.has_magic(arg):
+            matches = sorted(Path(m) for m in glob.glob(arg))
+            if not matches:
+                raise DataError(f"{arg} matches no file")
+            paths += matches
+        else:
+            paths.append(path)
+    return paths
 
 
 def read_image(path: Path, cfg: ModelConfig, invert: bool) -> torch.Tensor:
-    """A file as uint8 (H, W) at the model's input size, greyscale."""
-    from PIL import Image, UnidentifiedImageError
+    """A file as uint8 (H, W) at the model's input size, greyscale; letterboxed (padded, not stretched)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.exists():
         raise DataError(f"image {path} does not exist")
@@ -64,7 +96,8 @@ def read_image(path: Path, cfg: ModelConfig, invert: bool) -> torch.Tensor:
                 width, height = im.size  # from the header
                 if width * height > MAX_PIXELS:
                     raise DataError(f"{path} is {width}x{height}; {refused}")
-                grey = im.convert("L").resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
+                size, background = (cfg.image_size, cfg.image_size), 255 if invert else 0  # dark after --invert
+                grey = ImageOps.pad(im.convert("L"), size, Image.Resampling.BILINEAR, color=background)
     except Image.DecompressionBombError:  # so large that PIL will not even read its header
         raise DataError(f"{path} is over {2 * (Image.MAX_IMAGE_PIXELS or 0) // 10**6} megapixels; {refused}") from None
     except (UnidentifiedImageError, OSError) as e:
@@ -80,28 +113,51 @@ def top_k(model: torch.nn.Module, images: torch.Tensor, k: int) -> tuple[torch.T
     return probs.topk(k, dim=1)
 
 
+def rows_of(names: list[str], probs: torch.Tensor, indices: torch.Tensor, classes: list[str]) -> list[dict]:
+    """One row per input: its name and its top-k classes, best first, with their probabilities."""
+    return [
+        {"input": name, "top": [{"class": classes[int(c)], "probability": round(float(p), 6)}
+                                for p, c in zip(p_row, c_row, strict=True)]}
+        for name, p_row, c_row in zip(names, probs, indices, strict=True)
+    ]  # fmt: skip
+
+
+def as_csv(rows: list[dict]) -> str:
+    """``input, class_1, probability_1, ..., class_k, probability_k``, one line per input."""
+    k = len(rows[0]["top"])
+    buffer = io.StringIO()
+    out = csv.writer(buffer, lineterminator="\n")
+    out.writerow(["input", *(f"{field}_{i}" for i in range(1, k + 1) for field in ("class", "probability"))])
+    out.writerows([r["input"], *(v for t in r["top"] for v in (t["class"], f"{t['probability']:.6f}"))] for r in rows)
+    return buffer.getvalue()
+
+
+def inputs(args: argparse.Namespace, cfg: ModelConfig, classes: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """The images to classify, uint8 (N, H, W), and a name for each."""
+    if not args.idx:
+        paths = expand_inputs(args.images)
+        return torch.stack([read_image(p, cfg, args.invert) for p in paths]), [str(p) for p in paths]
+    test = load_split(args.data, "test")
+    bad = [i for i in args.idx if not 0 <= i < len(test)]
+    if bad:
+        raise DataError(f"--idx {bad[0]} is out of range; the test set has {len(test)} samples (0..{len(test) - 1})")
+    return test.images[args.idx], [f"test[{i}] (true: {classes[int(test.labels[i])]})" for i in args.idx]
+
+
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, cfg = load_artifact(args.model_dir)
     model.eval()
-    names_of = artifact_info(args.model_dir)["classes"]  # the artifact names its own classes
-    if args.idx:
-        test = load_split(args.data, "test")
-        bad = [i for i in args.idx if not 0 <= i < len(test)]
-        if bad:
-            raise DataError(
-                f"--idx {bad[0]} is out of range; the test set has {len(test)} samples (0..{len(test) - 1})"
-            )
-        images = test.images[args.idx]
-        names = [f"test[{i}] (true: {names_of[int(test.labels[i])]})" for i in args.idx]
+    classes = artifact_info(args.model_dir)["classes"]  # the artifact names its own classes
+    images, names = inputs(args, cfg, classes)
+    rows = rows_of(names, *top_k(model, images, args.top_k), classes)
+    if args.out is None:
+        for row in rows:
+            print(f"{row['input']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"]))
     else:
-        images = torch.stack([read_image(Path(p), cfg, args.invert) for p in args.images])
-        names = list(args.images)
-    probs, indices = top_k(model, images, args.top_k)
-    for name, p_row, c_row in zip(names, probs, indices, strict=True):
-        ranked = ", ".join(f"{names_of[int(c)]} {float(p):.3f}" for p, c in zip(p_row, c_row, strict=True))
-        print(f"{name}: {ranked}")
+        write_text(args.out, as_csv(rows) if args.out.suffix == ".csv" else json.dumps(rows, indent=1) + "\n")
+        print(f"{len(rows)} prediction(s) written to {args.out}")
     return 0
 
 

@@ -1,3 +1,4 @@
+import csv
 import json
 import re
 
@@ -103,11 +104,65 @@ def test_a_huge_image_is_refused_before_decoding(tmp_path, artifact, capsys, sid
     assert capsys.readouterr().err.strip() == f"error: {path} {said}; images over 40 megapixels are refused"
 
 
-def test_a_fifo_or_folder_is_refused_instead_of_read(tmp_path, artifact, capsys):
+def test_a_fifo_is_refused_instead_of_read_also_inside_a_folder(tmp_path, artifact, capsys):
     import os
 
     os.mkfifo(tmp_path / "pipe.png")  # reading it would wait forever for a writer
-    for path in (tmp_path / "pipe.png", tmp_path):
+    for path, said in ((tmp_path / "pipe.png", "is not a regular file"), (tmp_path, "holds no image files")):
         with pytest.raises(SystemExit):
             predict.main(["--model-dir", str(artifact[0]), str(path)])
-        assert capsys.readouterr().err.strip() == f"error: {path} is not a regular file"
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {'folder ' if path.is_dir() else ''}{path} {said}")
+
+
+def test_folders_and_globs_are_classified_into_csv_and_json(tmp_path, artifact):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("b.png", "a.jpg", "notes.txt"):
+        (photos / name).touch()
+    Image.new("L", (28, 28), 200).save(photos / "b.png")
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(photos / "a.jpg")
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    Image.new("L", (28, 28), 10).save(shots / "c.png")
+    inputs = [str(photos), str(shots / "*.png")]  # a folder, and a glob the shell did not expand
+    assert (
+        predict.main(["--model-dir", str(artifact[0]), *inputs, "--top-k", "2", "--out", str(tmp_path / "p.json")]) == 0
+    )
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert [r["input"] for r in rows] == [str(photos / "a.jpg"), str(photos / "b.png"), str(shots / "c.png")]
+    assert all(len(r["top"]) == 2 and r["top"][0]["probability"] >= r["top"][1]["probability"] for r in rows)
+    assert (
+        predict.main(["--model-dir", str(artifact[0]), *inputs, "--top-k", "2", "--out", str(tmp_path / "p.csv")]) == 0
+    )
+    with (tmp_path / "p.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["input", "class_1", "probability_1", "class_2", "probability_2"]
+    assert [(t["input"], t["class_1"], float(t["probability_1"])) for t in table] == [
+        (r["input"], r["top"][0]["class"], pytest.approx(r["top"][0]["probability"], abs=1e-6)) for r in rows
+    ]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "said"),
+    [(["empty"], "folder {tmp}/empty holds no image files"), (["{tmp}/*.png"], "{tmp}/*.png matches no file")],
+    ids=["empty-folder", "glob-matching-nothing"],
+)
+def test_an_input_that_names_no_image_is_one_line(tmp_path, artifact, capsys, inputs, said):
+    (tmp_path / "empty").mkdir()
+    monkey_inputs = [str(tmp_path / i) if i == "empty" else i.format(tmp=tmp_path) for i in inputs]
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--model-dir", str(artifact[0]), *monkey_inputs])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {said.format(tmp=tmp_path)}")
+
+
+def test_a_non_square_image_is_letterboxed_not_stretched(tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.new("L", (56, 28), 255).save(wide)  # a white band twice as wide as high
+    image = predict.read_image(wide, ModelConfig(), invert=False)
+    assert image.shape == (28, 28)
+    assert image[:6].max() == 0 and image[-6:].max() == 0  # padded above and below with the dark background
+    assert image[10:18].min() == 255  # the band itself, whole width, unstretched in height
+    inverted = predict.read_image(wide, ModelConfig(), invert=True)
+    assert inverted[:6].max() == 0 and inverted[10:18].max() == 0  # light background padded, then all inverted
