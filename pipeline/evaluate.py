@@ -24,11 +24,19 @@ from accelerate import Accelerator
 from pipeline.dataset import Split, load_split
 from pipeline.errors import cli
 from pipeline.files import atomic_path, write_json
-from pipeline.metrics import classification_report, confusion_matrix
+from pipeline.metrics import Predictions, classification_report, confusion_matrix
 from pipeline.model import artifact_info, load_artifact
 from pipeline.params import Params, load_params
 from pipeline.plots import label_grid, misclassified, write_per_class_csv, write_predictions_csv
-from pipeline.runtime import add_common_args, add_path_args, eval_loader, make_accelerator, predict, say, summary_table
+from pipeline.runtime import (
+    add_common_args,
+    add_path_args,
+    eval_loader,
+    make_accelerator,
+    predict,
+    say,
+    summary_table,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,8 +64,7 @@ class Scored:
     """Every test sample's prediction, gathered from all processes, and what follows from them."""
 
     test: Split
-    preds: torch.Tensor
-    labels: torch.Tensor
+    got: Predictions
     info: dict[str, Any]  # the artifact's JSON
     classes: tuple[str, ...]  # as the artifact names them
     counts: torch.Tensor  # confusion matrix: rows are true classes
@@ -69,19 +76,19 @@ def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params)
     model, model_cfg = load_artifact(model_dir)
     test = load_split(data, "test", params.data.subset)
     model, loader = accelerator.prepare(model, eval_loader(test, params.evaluate.batch_size))
-    preds, labels, losses = predict(accelerator, model, loader)
-    assert len(preds) == len(test), f"counted {len(preds)} predictions for {len(test)} test samples"
+    got = predict(accelerator, model, loader)
+    assert len(got.preds) == len(test), f"counted {len(got.preds)} predictions for {len(test)} test samples"
     info = artifact_info(model_dir)
     classes = tuple(info["classes"])
-    counts = confusion_matrix(preds, labels, model_cfg.num_classes)
+    counts = confusion_matrix(got.preds, got.labels, model_cfg.num_classes)
     report = classification_report(counts, classes)
     metrics = {
         "accuracy": report["accuracy"],
-        "loss": round(float(losses.double().mean()), 6),
+        "loss": round(float(got.losses.double().mean()), 6),
         "samples": report["samples"],
         "per_class_accuracy": report["per_class_accuracy"],
     }
-    return Scored(test, preds, labels, info, classes, counts, metrics)
+    return Scored(test, got, info, classes, counts, metrics)
 
 
 def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
@@ -91,11 +98,11 @@ def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
     confusion = {"classes": list(s.classes), "rows": "true class", "columns": "predicted class"}
     write_json(eval_dir / "confusion.json", {**confusion, "counts": s.counts.tolist()})
     with atomic_path(eval_dir / "predictions.csv") as tmp:
-        write_predictions_csv(tmp, s.labels, s.preds, s.classes)
+        write_predictions_csv(tmp, s.got, s.classes)
     with atomic_path(eval_dir / "per_class.csv") as tmp:
         write_per_class_csv(tmp, s.metrics["per_class_accuracy"])
     with atomic_path(eval_dir / "misclassified.png") as tmp:
-        label_grid(*misclassified(s.test.images, s.labels, s.preds, s.classes)).save(tmp, format="PNG")
+        label_grid(*misclassified(s.test.images, s.got.labels, s.got.preds, s.classes)).save(tmp, format="PNG")
 
 
 def summary(scored: Scored, model_dir: Path, out: Path, eval_dir: Path, seconds: float) -> str:

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One entry per sample of a split, in the split's own order (CPU tensors)."""
+
+    preds: torch.Tensor  # predicted class
+    labels: torch.Tensor  # true class
+    losses: torch.Tensor  # cross-entropy
+    confidence: torch.Tensor  # the predicted class's softmax probability
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.metrics import Predictions
+
 
 def label_grid(images: torch.Tensor, captions: Sequence[str], cols: int = 8, scale: int = 3) -> Image.Image:
     """A grid of uint8 (N, H, W) images, each enlarged ``scale`` times with its caption under it.
@@ -53,12 +55,14 @@ def first_of_each_class(images: torch.Tensor, labels: torch.Tensor, per_class: i
     return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long)
 
 
-def write_predictions_csv(path: Path, labels: torch.Tensor, preds: torch.Tensor, classes: Sequence[str]) -> None:
-    """One row per sample: actual and predicted class names (DVC's confusion templates read it)."""
+def write_predictions_csv(path: Path, got: Predictions, classes: Sequence[str]) -> None:
+    """One row per test sample: its index in the test set, actual and predicted class names (DVC's confusion
+    template reads these two), and the predicted class's probability (to sort by confidence)."""
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["actual", "predicted"])
-        out.writerows((classes[int(a)], classes[int(p)]) for a, p in zip(labels, preds, strict=True))
+        out.writerow(["index", "actual", "predicted", "probability"])
+        rows = zip(got.labels.tolist(), got.preds.tolist(), got.confidence.tolist(), strict=True)
+        out.writerows((i, classes[a], classes[p], f"{c:.6f}") for i, (a, p, c) in enumerate(rows))
 
 
 def write_per_class_csv(path: Path, per_class_accuracy: dict[str, float]) -> None:

@@ -15,9 +15,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from pipeline.batches import to_input
 from pipeline.dataset import Split
 from pipeline.errors import PipelineError
+from pipeline.metrics import Predictions
 
 # set by a launcher that starts the processes of a group: torchrun's elastic agent (also under accelerate
 # launch), SLURM's srun, Open MPI's and MPICH's mpirun
+# threads per process on CPU for runs DVC starts (a stage's command line cannot take them): runs side by side,
+# as `dvc queue start -j N` starts them, share the cores instead of each taking all of them
+CPU_THREADS_VAR = "PIPELINE_CPU_THREADS"
 LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
@@ -34,11 +38,19 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cpu-threads",
-        type=int,
-        default=0,
-        help="threads per process when running on CPU; 0 = the host's cores split across its processes "
-        "(default: %(default)s). Results on CPU are bitwise reproducible for a fixed thread count.",
+        type=_thread_count,
+        default=os.environ.get(CPU_THREADS_VAR, "0"),
+        help=f"threads per process when running on CPU; 0 = the host's cores split across its processes "
+        f"(default: ${CPU_THREADS_VAR}, else 0; set it for runs side by side, e.g. under `dvc queue start -j N`). "
+        "Results on CPU are bitwise reproducible for a fixed thread count.",
     )
+
+
+def _thread_count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} (from --cpu-threads or ${CPU_THREADS_VAR}) is no count") from None
 
 
 def cpu_threads_for(requested: int, cpu_count: int | None, local_processes: int) -> int:
@@ -122,22 +134,19 @@ def eval_loader(split: Split, batch_size: int) -> DataLoader:
 
 
 @torch.no_grad()
-def predict(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, ...]:
-    """Predicted classes, true labels and per-sample losses for every sample exactly once.
+def predict(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> Predictions:
+    """Predictions for every sample exactly once, whatever the number of processes.
 
     ``loader`` must be prepared; ``gather_for_metrics`` drops the duplicates that pad
-    the last batch across processes. Returns CPU tensors (preds, labels, losses) in the
-    split's own order, whatever the number of processes.
+    the last batch across processes.
     """
     model.eval()
-    index, preds, labels, losses = [], [], [], []
+    parts: list[tuple[torch.Tensor, ...]] = []
     for i, images, y in loader:
-        logits = model(to_input(images))
-        loss = nn.functional.cross_entropy(logits.float(), y, reduction="none")
-        i, p, y, loss = accelerator.gather_for_metrics((i, logits.argmax(dim=1), y, loss))
-        index.append(i.cpu())
-        preds.append(p.cpu())
-        labels.append(y.cpu())
-        losses.append(loss.cpu())
-    order = torch.cat(index).argsort()
-    return torch.cat(preds)[order], torch.cat(labels)[order], torch.cat(losses)[order]
+        logits = model(to_input(images)).float()
+        loss = nn.functional.cross_entropy(logits, y, reduction="none")
+        confidence, p = logits.softmax(dim=1).max(dim=1)
+        parts.append(tuple(t.cpu() for t in accelerator.gather_for_metrics((i, p, y, loss, confidence))))
+    index, preds, labels, losses, confidence = (torch.cat(column) for column in zip(*parts, strict=True))
+    order = index.argsort()
+    return Predictions(preds[order], labels[order], losses[order], confidence[order])

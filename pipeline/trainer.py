@@ -169,9 +169,9 @@ class Trainer:
         train_time = time.perf_counter() - t0
         if not math.isfinite(loss):
             raise DataError(f"training diverged at epoch {epoch + 1} (loss {loss}); lower train.lr")
-        preds, labels, losses = predict(accelerator, self.model, self.val_loader)
-        report = classification_report(confusion_matrix(preds, labels, len(CLASSES)), CLASSES)
-        val_loss = float(losses.double().mean())
+        val = predict(accelerator, self.model, self.val_loader)
+        report = classification_report(confusion_matrix(val.preds, val.labels, len(CLASSES)), CLASSES)
+        val_loss = float(val.losses.double().mean())
         local = (self.steps - first_step) * cfg.batch_size  # samples this run trained in this epoch
         row = {
             "train/loss": round(loss, 6),

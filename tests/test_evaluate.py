@@ -72,8 +72,10 @@ def test_predict_returns_one_row_per_sample(tiny_raw):
     accelerator = make_accelerator()
     model = build_model(ModelConfig())
     model, loader = accelerator.prepare(model, eval_loader(load_split(tiny_raw, "test"), 64))
-    preds, labels, losses = predict(accelerator, model, loader)
-    assert preds.shape == labels.shape == losses.shape == (137,)
+    got = predict(accelerator, model, loader)
+    assert got.preds.shape == got.labels.shape == got.losses.shape == got.confidence.shape == (137,)
+    assert got.labels.tolist() == load_split(tiny_raw, "test").labels.tolist()  # in the split's own order
+    assert ((got.confidence > 0.1 - 1e-6) & (got.confidence <= 1)).all()  # the top of 10 probabilities
 
 
 def test_classes_are_named_as_the_artifact_names_them(tmp_path, tiny_raw, write_params):

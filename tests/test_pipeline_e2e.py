@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -146,6 +147,18 @@ def test_exp_run_with_a_new_lr_shows_in_metrics_and_params_diff(experiments):
     params = json.loads(sh(experiments, "dvc", "params", "diff", "--json").stdout)
     lr = params["params.yaml"]["train.lr"]
     assert (lr["old"], lr["new"]) == (0.002, 0.001)  # params.yaml's lr against lr-low's
+
+
+def test_the_readmes_experiment_table_fits_120_columns_best_first(experiments):
+    readme = (REPO / "README.md").read_text().replace("\\\n", " ")  # continued lines joined
+    line = next(x for x in readme.splitlines() if x.startswith("dvc exp show --only"))
+    table = sh(experiments, *shlex.split(line), COLUMNS="120").stdout
+    assert max(map(len, table.splitlines())) <= 120, table
+    header = table.splitlines()[1].split()
+    assert header == ["Experiment", "Created", "accuracy", "loss", "train.lr"], table  # test metrics, changed params
+    rows = [row.split("]")[1].split() for row in table.splitlines() if "[lr-" in row]  # the experiments
+    scores = [float(accuracy) for _, _, accuracy, _, _ in rows]  # Created is two words: 01:34 AM
+    assert len(scores) == len(EXPERIMENTS) and scores == sorted(scores, reverse=True), table
 
 
 def test_exp_apply_restores_the_model_behind_each_experiments_metrics(experiments, tmp_path):

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from pipeline.dataset import CLASSES
+from pipeline.metrics import Predictions
 from pipeline.plots import (
     first_of_each_class,
     label_grid,
@@ -49,12 +50,14 @@ def test_first_of_each_class_orders_by_class():
 
 
 def test_csv_tables_have_one_row_per_sample_and_per_class(tmp_path):
-    write_predictions_csv(tmp_path / "p.csv", torch.tensor([0, 9]), torch.tensor([6, 9]), CLASSES)
+    got = Predictions(preds=torch.tensor([6, 9]), labels=torch.tensor([0, 9]), losses=torch.tensor([2.3, 0.01]),
+                      confidence=torch.tensor([0.4, 0.9999996]))  # fmt: skip
+    write_predictions_csv(tmp_path / "p.csv", got, CLASSES)
     with (tmp_path / "p.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows == [
-        {"actual": "T-shirt/top", "predicted": "Shirt"},
-        {"actual": "Ankle boot", "predicted": "Ankle boot"},
+        {"index": "0", "actual": "T-shirt/top", "predicted": "Shirt", "probability": "0.400000"},
+        {"index": "1", "actual": "Ankle boot", "predicted": "Ankle boot", "probability": "1.000000"},
     ]
     write_per_class_csv(tmp_path / "c.csv", {"Shirt": 0.7, "Bag": 0.98})
     with (tmp_path / "c.csv").open() as f:

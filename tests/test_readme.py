@@ -54,3 +54,22 @@ def test_a_row_whose_quote_or_test_drifted_is_caught():
     assert row_problem(row) is None
     assert "does not assert 'error: cancelled'" in str(row_problem([row[0], "`error: cancelled`", *row[2:]]))
     assert "which does not exist" in str(row_problem([*row[:3], "`test_launch.py::test_gone`"]))
+
+
+def test_the_python_snippet_loads_the_model_and_gives_probabilities(tmp_path, monkeypatch, tiny_raw):
+    import torch
+
+    from pipeline.dataset import load_split
+    from pipeline.model import ModelConfig, build_model, save_artifact
+
+    text = (REPO / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S)
+    assert snippet and "load_artifact" in snippet.group(1)
+    model = build_model(ModelConfig())
+    save_artifact(model, ModelConfig(), tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    images = load_split(tiny_raw, "test").images[:5]
+    scope: dict = {"images": images}
+    exec(snippet.group(1), scope)
+    expected = model.eval()(images.unsqueeze(1).float() / 255).softmax(dim=1)
+    assert scope["probabilities"].shape == (5, 10) and torch.equal(scope["probabilities"], expected)

@@ -61,3 +61,22 @@ def test_a_world_size_with_a_master_address_but_no_launcher_is_refused_not_left_
     monkeypatch.setenv("MASTER_PORT", "29555")
     with pytest.raises(PipelineError, match=r"^WORLD_SIZE=2 is set but no launcher .* started this process"):
         make_accelerator()
+
+
+def test_the_thread_count_comes_from_the_environment_unless_given(monkeypatch, capsys):
+    import argparse
+
+    from pipeline.runtime import CPU_THREADS_VAR, add_common_args
+
+    def parsed(*argv: str) -> int:
+        p = argparse.ArgumentParser()
+        add_common_args(p)
+        return p.parse_args(list(argv)).cpu_threads
+
+    assert parsed() == 0  # auto: the cores split across this host's processes
+    monkeypatch.setenv(CPU_THREADS_VAR, "1")  # e.g. PIPELINE_CPU_THREADS=1 dvc queue start -j 2
+    assert parsed() == 1 and parsed("--cpu-threads", "3") == 3
+    monkeypatch.setenv(CPU_THREADS_VAR, "two")
+    with pytest.raises(SystemExit):
+        parsed()
+    assert "'two' (from --cpu-threads or $PIPELINE_CPU_THREADS) is no count" in capsys.readouterr().err
