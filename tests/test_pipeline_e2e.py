@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,31 @@ def test_bad_param_fails_the_stage_with_one_line_and_no_traceback(reproduced, tm
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
     assert errors == ["error: train.lr must be > 0, got -1.0"]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_queued_grid_runs_two_at_a_time_sharing_the_cores(reproduced, tmp_path):
+    # the README's sweep: a 2 x 2 grid queued, then `PIPELINE_CPU_THREADS=1 dvc queue start -j 2`
+    repo = copy_repo(reproduced[0], tmp_path / "repo")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline results")
+    grid = ["-S", "train.lr=0.001,0.003", "-S", "train.seed=0,1", "-S", "train.epochs=1"]
+    sh(repo, "dvc", "exp", "run", "--queue", *grid)
+    sh(repo, "dvc", "queue", "start", "-j", "2", PIPELINE_CPU_THREADS="1")
+    try:
+        deadline = time.monotonic() + 300
+        while re.search(r"\b(Queued|Running)\b", sh(repo, "dvc", "queue", "status").stdout):
+            assert time.monotonic() < deadline, "the queue did not finish"
+            time.sleep(2)
+    finally:
+        sh(repo, "dvc", "queue", "stop", "--kill", check=False)
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    runs = [e for commit in shown for e in commit.get("experiments") or []]
+    ran = set()
+    for run in runs:
+        data = run["revs"][0]["data"]
+        train = data["params"]["params.yaml"]["data"]["train"]
+        ran.add((train["lr"], train["seed"]))
+        assert 0 <= data["metrics"]["metrics/test.json"]["data"]["accuracy"] <= 1
+        log = sh(repo, "dvc", "queue", "logs", run["name"]).stdout
+        assert "1 process(es) on cpu (1 threads)" in log  # its share of the cores, not all of them
+    assert ran == {(0.001, 0), (0.001, 1), (0.003, 0), (0.003, 1)}
