@@ -100,11 +100,15 @@ def exit_code(failures: Sequence[Failure]) -> int:
     return next((f.code for f in ordered if not f.consequence), ordered[0].code)
 
 
-def _ended(how: int, who: str, when: float) -> Failure:
-    """A process that failed without saying why: ``how`` is its exit status, or minus the signal that killed it."""
+def ended(how: int, who: str, when: float) -> Failure:
+    """A process that failed without saying why: ``how`` is its exit status, or minus the signal that killed it.
+
+    Death by SIGTERM or SIGINT is how the launcher ends the rest of a group once one process failed (one not
+    yet far enough to say a line of its own dies of it), so it is a consequence, told only if nothing else is.
+    """
     if how < 0:
         line = f"{who} was killed by {signal.Signals(-how).name}; run it again to resume from the newest checkpoint"
-        return Failure(line, 128 - how, when, told=False)
+        return Failure(line, 128 - how, when, told=False, consequence=-how in (signal.SIGTERM, signal.SIGINT))
     return Failure(f"{who} exited with status {how} (its output above says why)", how, when, told=False)
 
 
@@ -117,9 +121,9 @@ def launch(args: object) -> dict[int, Failure]:
     try:
         launch_command(args)
     except ChildFailedError as e:
-        return {rank: _ended(f.exitcode, f"rank {rank} (pid {f.pid})", f.timestamp) for rank, f in e.failures.items()}
+        return {rank: ended(f.exitcode, f"rank {rank} (pid {f.pid})", f.timestamp) for rank, f in e.failures.items()}
     except subprocess.CalledProcessError as e:
-        return {0: _ended(e.returncode, "the process", 0.0)}
+        return {0: ended(e.returncode, "the process", 0.0)}
     except SignalException as e:
         return {-1: _signalled(e.sigval)}
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launch import Failure, exit_code, to_print, told, with_env_defaults
+from pipeline.launch import Failure, ended, exit_code, to_print, told, with_env_defaults
 from tests.conftest import REPO, child_env, free_port
 
 
@@ -44,6 +44,13 @@ def test_one_line_for_a_group_that_fails_alike_and_the_cause_before_its_conseque
     stopped = [Failure("stopped by SIGTERM", 143, float("inf"), consequence=True),
                Failure("stopped; run it again", 143, 3.0, consequence=True)]  # fmt: skip
     assert to_print(stopped) == ["stopped; run it again"] and exit_code(stopped) == 143
+    # a rank the launcher ended (SIGTERM) before it could say a line: the other rank's line explains it
+    torn_down = [Failure("bad params", 2, 5.0), ended(-signal.SIGTERM, "rank 1 (pid 7)", 5.0)]
+    assert to_print(torn_down) == ["bad params"] and exit_code(torn_down) == 2
+    assert to_print([ended(-signal.SIGTERM, "rank 1 (pid 7)", 5.0)]) == [
+        "rank 1 (pid 7) was killed by SIGTERM; run it again to resume from the newest checkpoint"]  # fmt: skip
+    oom = [Failure("stopped", 143, 6.0, consequence=True), ended(-signal.SIGKILL, "rank 0 (pid 8)", 5.0)]
+    assert to_print(oom) == [oom[1].message] and exit_code(oom) == 137  # SIGKILL (the OOM killer): a cause
     differ = [Failure("disk full on rank 0", 2, 1.0), Failure("rank 1 has no data", 2, 2.0)]
     assert to_print(differ) == ["disk full on rank 0", "rank 1 has no data"]
     assert to_print([]) == [] and exit_code([]) == 0
