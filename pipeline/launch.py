@@ -80,24 +80,22 @@ def told(folder: Path) -> dict[int, Failure]:
     return {rank: failure for attempt, rank, failure in entries if attempt == last}
 
 
-def to_print(failures: Sequence[Failure]) -> list[str]:
-    """The lines to show: failures without a line of their own first, then by time; repeats dropped,
-    and "stopped" lines dropped when another failure explains them."""
+def causes(failures: Sequence[Failure]) -> list[Failure]:
+    """The failures that explain the launch, first first: those without a line of their own, then by time;
+    consequences of another's failure (stopped, lost a peer) only when nothing else explains it."""
     ordered = sorted(failures, key=lambda f: (f.told, f.time))
-    causes = [f for f in ordered if not f.consequence] or ordered[:1]
-    lines: list[str] = []
-    for f in causes:
-        if f.message not in lines:
-            lines.append(f.message)
-    return lines
+    return [f for f in ordered if not f.consequence] or ordered[:1]
+
+
+def to_print(failures: Sequence[Failure]) -> list[str]:
+    """The lines to show: the causes' lines, each once."""
+    return list(dict.fromkeys(f.message for f in causes(failures)))
 
 
 def exit_code(failures: Sequence[Failure]) -> int:
     """The status of the failure printed first; 0 when nothing failed."""
-    if not failures:
-        return 0
-    ordered = sorted(failures, key=lambda f: (f.told, f.time))
-    return next((f.code for f in ordered if not f.consequence), ordered[0].code)
+    first = causes(failures)
+    return first[0].code if first else 0
 
 
 def ended(how: int, who: str, when: float) -> Failure:

@@ -17,11 +17,11 @@ from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 from pipeline.metrics import Predictions
 
-# set by a launcher that starts the processes of a group: torchrun's elastic agent (also under accelerate
-# launch), SLURM's srun, Open MPI's and MPICH's mpirun
 # threads per process on CPU for runs DVC starts (a stage's command line cannot take them): runs side by side,
 # as `dvc queue start -j N` starts them, share the cores instead of each taking all of them
 CPU_THREADS_VAR = "PIPELINE_CPU_THREADS"
+# set by a launcher that starts the processes of a group: torchrun's elastic agent (also under accelerate
+# launch), SLURM's srun, Open MPI's and MPICH's mpirun
 LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
