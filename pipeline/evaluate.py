@@ -68,7 +68,7 @@ class Scored:
     info: dict[str, Any]  # the artifact's JSON
     classes: tuple[str, ...]  # as the artifact names them
     counts: torch.Tensor  # confusion matrix: rows are true classes
-    metrics: dict[str, Any]  # metrics/test.json
+    metrics: dict[str, Any]  # metrics/test.json's "test" section
 
 
 def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params) -> Scored:
@@ -86,7 +86,7 @@ def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params)
         "accuracy": report["accuracy"],
         "loss": round(float(got.losses.double().mean()), 6),
         "samples": report["samples"],
-        "per_class_accuracy": report["per_class_accuracy"],
+        "per_class": report["per_class_accuracy"],
     }
     return Scored(test, got, info, classes, counts, metrics)
 
@@ -94,20 +94,20 @@ def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params)
 def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
     """The metrics file and what `dvc plots` draws: confusion counts, per-sample and per-class tables, a grid."""
     s = scored
-    write_json(out, s.metrics)
+    write_json(out, {"test": s.metrics})  # namespaced: `dvc exp show` columns read test.accuracy, test.per_class.*
     confusion = {"classes": list(s.classes), "rows": "true class", "columns": "predicted class"}
     write_json(eval_dir / "confusion.json", {**confusion, "counts": s.counts.tolist()})
     with atomic_path(eval_dir / "predictions.csv") as tmp:
         write_predictions_csv(tmp, s.got, s.classes)
     with atomic_path(eval_dir / "per_class.csv") as tmp:
-        write_per_class_csv(tmp, s.metrics["per_class_accuracy"])
+        write_per_class_csv(tmp, s.metrics["per_class"])
     with atomic_path(eval_dir / "misclassified.png") as tmp:
         label_grid(*misclassified(s.test.images, s.got.labels, s.got.preds, s.classes)).save(tmp, format="PNG")
 
 
 def summary(scored: Scored, model_dir: Path, out: Path, eval_dir: Path, seconds: float) -> str:
     info, metrics = scored.info, scored.metrics
-    worst = sorted(metrics["per_class_accuracy"].items(), key=lambda kv: kv[1])[:3]
+    worst = sorted(metrics["per_class"].items(), key=lambda kv: kv[1])[:3]
     return summary_table(
         [
             ("model", f"{model_dir}/ ({info['model']['name']}, {info.get('final_model', '?')} weights of "

@@ -14,7 +14,10 @@ It takes ``accelerate launch``'s options and runs its launchers, and adds:
   stopped because another one failed are left out. The exit status is the first failure's;
 - Ctrl-C: ``error: interrupted``, once, exit status 130;
 - no "values were not passed ... had defaults used instead" warning when there is no accelerate config;
-- torch's launcher log (closing signals, restarts) stays quiet unless ``LOGLEVEL`` is set.
+- torch's launcher log (closing signals, restarts) stays quiet unless ``LOGLEVEL`` is set;
+- ``PIPELINE_LAUNCH_VIA``, when set, is a command that runs this launch on every node instead (srun and
+  ``scripts/slurm/node.sh``, which adds each node's rank and the main node's address): it gets this launch's
+  arguments, and each distinct ``error:`` line its nodes print is shown once, at the end.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -38,6 +42,8 @@ from pipeline.errors import ERROR_DIR_VAR, LAUNCHER_PID_VAR
 # options a dvc.yaml command cannot take from the user, taken from the environment when not given:
 # the accelerate config, and torchrun's own variable for --max-restarts (restarts of a group that lost a worker)
 FROM_ENV = {"--config_file": "ACCELERATE_CONFIG_FILE", "--max_restarts": "PET_MAX_RESTARTS"}
+VIA_VAR = "PIPELINE_LAUNCH_VIA"  # a command that runs the launch on every node (scripts/slurm/train.sbatch sets it)
+NODE_VAR = "PIPELINE_LAUNCH_NODE"  # set for the launches VIA_VAR starts: one node's part of a launch
 DEFAULTS_WARNING = "had defaults used instead"
 TORCH_LAUNCHER_LOGS = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
 
@@ -160,10 +166,48 @@ def quiet_launcher_logs(env: Mapping[str, str]) -> None:
         logger.propagate = False
 
 
+def via_nodes(via: Sequence[str], argv: Sequence[str]) -> int:
+    """Run ``via`` with this launch's arguments (it starts the launch on each node) and wait for it.
+
+    Its output passes through, but the nodes' ``error:`` lines are held back and each distinct one printed once
+    at the end. A node whose processes were only stopped because another node failed tags its line
+    ``consequence:``; those are shown only if no node says more.
+    """
+    env = {k: v for k, v in os.environ.items() if k != VIA_VAR} | {NODE_VAR: "1"}  # the nodes' launches launch
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the nodes' launches through via
+    said: dict[str, dict[str, None]] = {"error": {}, "consequence": {}}  # each node's lines, in order, once
+    try:
+        with subprocess.Popen([*via, *argv], env=env, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                tag, _, message = line.rstrip("\n").partition(": ")
+                if tag in said:
+                    said[tag][message] = None
+                else:
+                    sys.stderr.write(line)
+    except OSError as e:
+        return say_errors([f"{VIA_VAR} runs {via[0]!r}, which cannot start ({e.strerror}); unset {VIA_VAR} to "
+                           "launch on this machine, or run where it exists"], 2)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+    return say_errors(list(said["error"] or said["consequence"]), code)  # a node's cause beats another's echo
+
+
+def say_errors(messages: Iterable[str], code: int, tag: str = "error") -> int:
+    """Print each message as a ``tag: message`` line on stderr; return ``code``."""
+    for message in messages:
+        print(f"{tag}: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get(VIA_VAR):
+        return via_nodes(shlex.split(os.environ[VIA_VAR]), argv)
     from accelerate.commands.launch import launch_command_parser
 
-    args = launch_command_parser().parse_args(with_env_defaults(sys.argv[1:] if argv is None else argv, os.environ))
+    args = launch_command_parser().parse_args(with_env_defaults(argv, os.environ))
     quiet_launcher_logs(os.environ)
     previous = signal.signal(signal.SIGINT, _forward_interrupt)
     try:
@@ -175,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, previous)
         for var in (ERROR_DIR_VAR, LAUNCHER_PID_VAR):
             os.environ.pop(var, None)
-    for line in to_print(list(failures.values())):
-        print(f"error: {line}", file=sys.stderr, flush=True)
-    return exit_code(list(failures.values()))
+    ended_as = list(failures.values())
+    echo = os.environ.get(NODE_VAR) and all(f.consequence for f in causes(ended_as))  # another node's failure's
+    return say_errors(to_print(ended_as), exit_code(ended_as), "consequence" if echo else "error")
 
 
 if __name__ == "__main__":

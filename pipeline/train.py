@@ -251,7 +251,7 @@ def start_logging(accelerator: Accelerator, params: Params, live_dir: Path, trai
         init_kwargs={"dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}},
     )
     for i, row in enumerate(trainer.state.history, start=1):  # a resumed run rewrites the epochs it did not see
-        accelerator.log(row, step=i)
+        trainer.log(row, step=i)
     if not trainer.live:
         say(accelerator, "dvclive is not installed: per-epoch metrics are printed, not written")
     elif accelerator.is_main_process:
@@ -260,8 +260,8 @@ def start_logging(accelerator: Accelerator, params: Params, live_dir: Path, trai
         grid = label_grid(full.images[picks], [CLASSES[int(k)] for k in full.labels[picks]], cols=8)
         accelerator.get_tracker("dvclive", unwrap=True).log_image("train_samples.png", grid)
     where = str(accelerator.device)
-    if accelerator.device.type == "cpu":
-        where += f" ({torch.get_num_threads()} threads)"
+    if accelerator.device.type == "cpu":  # cpu, also where a multi-machine launch says cpu:0
+        where = f"cpu ({torch.get_num_threads()} threads)"
     cfg = params.train
     say(
         accelerator,
@@ -277,7 +277,7 @@ def export(trainer: Trainer, parts: Parts, model_dir: Path, keep_state: bool) ->
     accelerator.wait_for_everyone()
     use_best = cfg.final_model == "best"
     final_epoch = state.best_epoch if use_best else cfg.epochs - 1
-    final_val = state.best_val if use_best else state.history[-1]["val/accuracy"]
+    final_val = state.best_val if use_best else state.history[-1]["accuracy/val"]
     if accelerator.is_main_process:
         final = trainer.best if use_best and trainer.best is not None else trainer.weights()
         if trainer.live:

@@ -45,6 +45,9 @@ def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused)
 
 
+# Logged per epoch into the curves (DVCLive's TSVs) but kept out of metrics.json, so that `dvc metrics diff`
+# shows results alone: timings change on every run, and lr only traces the schedule (it ends near 0).
+TRACES = frozenset({"lr", "epoch_time_s", "samples_per_s", "peak_gpu_memory_mb"})
 DIVERGENCE_CHECK = 25  # steps between looks at the loss (each waits for the device)
 LOSS, CORRECT, SAMPLES = range(len(fields(EpochSums)))  # EpochSums' fields, as positions in Trainer.sums
 
@@ -174,23 +177,34 @@ class Trainer:
         val_loss = float(val.losses.double().mean())
         local = (self.steps - first_step) * cfg.batch_size  # samples this run trained in this epoch
         row = {
-            "train/loss": round(loss, 6),
-            "train/accuracy": round(accuracy, 6),
-            "val/loss": round(val_loss, 6),
-            "val/accuracy": report["accuracy"],
+            "loss/train": round(loss, 6),  # TensorBoard's names: metrics.json's loss.train cannot pass for a param
+            "accuracy/train": round(accuracy, 6),
+            "loss/val": round(val_loss, 6),
+            "accuracy/val": report["accuracy"],
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_time_s": round(time.perf_counter() - t0, 3),
             "samples_per_s": round(local / train_time, 1),
         }
         if accelerator.device.type == "cuda":
             row["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        accelerator.log(row, step=epoch + 1)  # DVCLive's step is the epoch, counted from 1
+        self.log(row, step=epoch + 1)
         say(
             accelerator,
             f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss:.4f} acc {accuracy:.4f}  "
             f"val loss {val_loss:.4f} acc {report['accuracy']:.4f}  {row['samples_per_s']:.0f} samples/s",
         )
         self.end_epoch(row, report["accuracy"])
+
+    def log(self, row: dict[str, float], step: int) -> None:
+        """One epoch's row to DVCLive (its step is the epoch, from 1): results to metrics.json and the curves,
+        :data:`TRACES` to the curves only."""
+        if self.live and self.accelerator.is_main_process:
+            live = self.accelerator.get_tracker("dvclive", unwrap=True)
+            live.step = step
+            for name in TRACES & row.keys():
+                live.log_metric(name, row[name])
+                live.summary.pop(name)
+        self.accelerator.log({k: v for k, v in row.items() if k not in TRACES}, step=step)
 
     def end_epoch(self, row: dict[str, float], val_accuracy: float) -> None:
         """Record a finished epoch (and the best weights so far), then checkpoint it."""

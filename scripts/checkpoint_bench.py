@@ -32,7 +32,7 @@ def main() -> int:
     saves, loads = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
-            state = TrainState(fingerprint="bench", global_step=i + 1, history=[{"val/accuracy": 0.9}] * 10)
+            state = TrainState(fingerprint="bench", global_step=i + 1, history=[{"accuracy/val": 0.9}] * 10)
             t0 = time.perf_counter()
             path = save_checkpoint(Path(tmp), state, model.state_dict(), model.state_dict(), opt.state_dict(),
                                    sched.state_dict(), keep=2)  # fmt: skip

@@ -52,6 +52,6 @@ import json, sys
 d, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 test = json.load(open(f"{d}/test.json"))
 print(f"accelerate launch, 1 GPU, train.mixed_precision=bf16, default recipe: train wall {float(end) - float(start):.1f}s "
-      f"(launch included), test accuracy {test['accuracy']:.4f}")
+      f"(launch included), test accuracy {test['test']['accuracy']:.4f}")
 PY
 tail -5 "$dir/train.log"

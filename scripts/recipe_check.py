@@ -63,7 +63,7 @@ def run_seed(params: Params, data: Path, tmp: Path) -> dict[str, Any]:
     stage(evaluate.command(out / "params.yaml", data, out / "models", out / "test.json", out / "eval"), "evaluation")
     test = json.loads((out / "test.json").read_text())
     live = json.loads((out / "live" / "metrics.json").read_text())
-    return {"seed": params.train.seed, "test_accuracy": test["accuracy"],
+    return {"seed": params.train.seed, "test_accuracy": test["test"]["accuracy"],
             "best_val_accuracy": live["best_val_accuracy"], "train_wall_s": round(train_s, 1)}  # fmt: skip
 
 

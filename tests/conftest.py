@@ -20,7 +20,7 @@ from pipeline.train import Paths, command
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # the offline source the end-to-end runs download from
-TIMING_KEYS = frozenset({"epoch_time_s", "samples_per_s", "train_time_s"})  # metrics that change on every run
+TIMING_KEYS = frozenset({"epoch_time_s", "samples_per_s", "peak_gpu_memory_mb"})  # curves that change on every run
 
 
 def idx_bytes(t: torch.Tensor) -> bytes:
@@ -109,6 +109,18 @@ def free_port() -> int:
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a child process: this venv first on PATH (``accelerate``, ``dvc``), plus ``extra``."""
     return {**os.environ, **extra, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+SLURM_STANDINS = Path(__file__).parent / "slurm"  # srun and scontrol stand-ins that run every "node" here
+
+
+def slurm_job(nodes: int, submit_dir: Path, **extra: str) -> dict[str, str]:
+    """What Slurm gives an sbatch job's batch step, for ``nodes`` nodes that are all this machine (127.0.0.1), with
+    :data:`SLURM_STANDINS` on PATH; MAIN_PORT (which train.sbatch takes over its job-id port) is a free one."""
+    nodelist = ",".join(["127.0.0.1"] * nodes)
+    env = child_env(SLURM_JOB_ID="4242", SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST=nodelist,
+                    SLURM_SUBMIT_DIR=str(submit_dir), MAIN_PORT=str(free_port()), **extra)  # fmt: skip
+    return {**env, "PATH": f"{SLURM_STANDINS}{os.pathsep}{env['PATH']}"}
 
 
 def accelerate_launcher(processes: int, *extra: str) -> list[str]:

@@ -40,7 +40,7 @@ def expected(width: int = 2) -> Expected:
 
 def state(step: int, fp: str = "abc") -> TrainState:
     epoch = step // STEPS
-    history = [{"val/accuracy": 0.5}] * epoch
+    history = [{"accuracy/val": 0.5}] * epoch
     return TrainState(fingerprint=fp, epoch=epoch, step=step % STEPS, global_step=step, sums=EpochSums(1.5, 2.0, 3.0),
                       history=history)  # fmt: skip
 

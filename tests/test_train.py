@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.train import main
+from pipeline.trainer import TRACES
 from tests.conftest import REPO, reset_accelerate_state
 
 
@@ -32,10 +33,12 @@ def test_training_writes_artifact_and_one_metrics_row_per_epoch(tmp_path, tiny_r
     assert load_file(str(tmp_path / "models" / "model.safetensors"))
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert metrics["step"] == 3  # DVCLive steps are epochs counted from 1
-    assert {"loss", "accuracy"} <= metrics["train"].keys() and {"loss", "accuracy"} <= metrics["val"].keys()
+    assert {"train", "val"} <= metrics["loss"].keys() and {"train", "val"} <= metrics["accuracy"].keys()
     assert 0.0 <= metrics["best_val_accuracy"] <= 1.0
-    rows = (tmp_path / "live" / "plots" / "metrics" / "val" / "accuracy.tsv").read_text().splitlines()
-    assert len(rows) == 1 + 3  # header + one row per epoch
+    curves = tmp_path / "live" / "plots" / "metrics"
+    for curve in ("accuracy/val.tsv", "loss/train.tsv", "lr.tsv", "samples_per_s.tsv", "epoch_time_s.tsv"):
+        assert len((curves / curve).read_text().splitlines()) == 1 + 3, curve  # header + one row per epoch
+    assert not TRACES & metrics.keys()  # timings and lr are curves only, so `dvc metrics diff` shows results
 
 
 def test_training_learns_the_synthetic_task(tmp_path, tiny_raw, write_params, monkeypatch):
@@ -98,7 +101,7 @@ def test_final_model_choice_is_recorded_in_artifact_and_metrics(tmp_path, tiny_r
     if choice == "best":
         assert meta["val_accuracy"] == metrics["best_val_accuracy"]
     else:
-        assert meta["epoch"] == 3 and meta["val_accuracy"] == metrics["val"]["accuracy"]
+        assert meta["epoch"] == 3 and meta["val_accuracy"] == metrics["accuracy"]["val"]
 
 
 def test_bad_checkpoint_params_are_refused(tmp_path, tiny_raw, write_params, monkeypatch, capsys):
@@ -349,8 +352,8 @@ def test_the_logged_training_loss_is_plain_cross_entropy_like_the_validation_los
     monkeypatch.chdir(tmp_path)
     run_train(tmp_path, write_params({"train": {"epochs": 8, "lr": 0.003, "label_smoothing": 0.5}}))
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
-    assert metrics["train"]["loss"] < 1.5 and metrics["val"]["loss"] < 1.5
-    assert metrics["train"]["loss"] == pytest.approx(metrics["val"]["loss"], abs=0.3)
+    assert metrics["loss"]["train"] < 1.5 and metrics["loss"]["val"] < 1.5
+    assert metrics["loss"]["train"] == pytest.approx(metrics["loss"]["val"], abs=0.3)
 
 
 def test_a_diverging_run_stops_within_a_few_steps_not_at_the_end_of_the_epoch(
