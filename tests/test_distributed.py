@@ -122,7 +122,7 @@ def test_distributed_eval_counts_every_test_sample_exactly_once(workdir, single,
     )
     proc = launch(cmd, cwd=workdir)
     assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((out / "test.json").read_text())
+    metrics = json.loads((out / "test.json").read_text())["test"]
     assert metrics["samples"] == 137
     assert sum(map(sum, json.loads((out / "eval" / "confusion.json").read_text())["counts"])) == 137
     if processes > 1:

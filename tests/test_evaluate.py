@@ -31,7 +31,7 @@ def run_eval(tmp_path, params, artifact):
 @pytest.mark.parametrize("batch_size", [1, 10, 50, 137, 1000], ids=lambda b: f"batch{b}")
 def test_every_test_sample_is_counted_once_whatever_the_batch(tmp_path, tiny_raw, write_params, artifact, batch_size):
     assert run_eval(tmp_path, write_params({"evaluate": {"batch_size": batch_size}}), artifact) == 0
-    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]
     cm = json.loads((tmp_path / "eval" / "confusion.json").read_text())["counts"]
     labels = load_split(tiny_raw, "test").labels
     assert metrics["samples"] == 137 == sum(map(sum, cm))
@@ -40,7 +40,7 @@ def test_every_test_sample_is_counted_once_whatever_the_batch(tmp_path, tiny_raw
 
 def test_metrics_match_a_direct_computation(tmp_path, tiny_raw, write_params, artifact):
     run_eval(tmp_path, write_params({"evaluate": {"batch_size": 32}}), artifact)
-    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]
     model, _ = load_artifact(artifact)
     test = load_split(tiny_raw, "test")
     with torch.no_grad():
@@ -48,16 +48,16 @@ def test_metrics_match_a_direct_computation(tmp_path, tiny_raw, write_params, ar
     preds = logits.argmax(1)
     assert metrics["accuracy"] == pytest.approx((preds == test.labels).float().mean().item(), abs=1e-6)
     assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, test.labels).item(), abs=1e-5)
-    assert list(metrics["per_class_accuracy"]) == list(CLASSES)
+    assert list(metrics["per_class"]) == list(CLASSES)
     for k, name in enumerate(CLASSES):
         mask = test.labels == k
         expected = (preds[mask] == k).float().mean().item()
-        assert metrics["per_class_accuracy"][name] == pytest.approx(expected, abs=1e-6)
+        assert metrics["per_class"][name] == pytest.approx(expected, abs=1e-6)
 
 
 def test_subset_limits_the_test_set(tmp_path, tiny_raw, write_params, artifact):
     run_eval(tmp_path, write_params({"data": {"subset": 30}}), artifact)
-    assert json.loads((tmp_path / "metrics" / "test.json").read_text())["samples"] == 30
+    assert json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]["samples"] == 30
 
 
 def test_missing_model_says_run_train(tmp_path, tiny_raw, write_params, capsys):
@@ -82,8 +82,8 @@ def test_classes_are_named_as_the_artifact_names_them(tmp_path, tiny_raw, write_
     names = [f"class {i}" for i in range(10)]
     save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "named", extra={"classes": names})
     assert run_eval(tmp_path, write_params(), tmp_path / "named") == 0
-    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())
-    assert list(metrics["per_class_accuracy"]) == names
+    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]
+    assert list(metrics["per_class"]) == names
     assert json.loads((tmp_path / "eval" / "confusion.json").read_text())["classes"] == names
 
 
