@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,57 @@ def project_repo(dest: Path, overrides: dict) -> Path:
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "project")
     return dest
+
+
+# The end-to-end repo's params (test_pipeline_e2e, test_dvc_record): 2,500 training samples in 50 steps of 50 per
+# epoch with a checkpoint every 10 steps (long enough to kill a run mid-epoch), 500 validation, 3,000 test samples.
+E2E = {
+    "data": {"subset": 3000, "val_size": 500},
+    "train": {"epochs": 2, "batch_size": 50, "checkpoint_every_steps": 10},
+    "evaluate": {"batch_size": 1000},
+}
+EXPERIMENTS = {"lr-high": "0.008", "lr-low": "0.001"}  # the `experiments` repo's, by name: train.lr
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    repo: Path
+    log: str  # what `dvc repro` printed
+    md5: str  # its models output's, as dvc.lock records it
+
+
+def model_md5(repo: Path) -> str:
+    """The models output's hash as dvc.lock records it."""
+    train = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
+    return next(o["md5"] for o in train["outs"] if o["path"] == "models")
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Reproduced:
+    """A fresh git repo of the project's tracked files with :data:`E2E` params, after one `dvc repro` on a machine
+    with no accelerate config, its results committed. Tests that change a repo change their own copy of it."""
+    root = tmp_path_factory.mktemp("e2e")
+    repo = project_repo(root / "repo", E2E)
+    proc = sh(repo, "dvc", "repro", HF_HOME=str(root / "no-accelerate-config"))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline results")
+    return Reproduced(repo, proc.stdout + proc.stderr, model_md5(repo))
+
+
+@dataclass(frozen=True)
+class Experiments:
+    repo: Path  # the baseline in its workspace, the experiments beside it
+    md5: dict[str, str]  # each experiment's models output's
+
+
+@pytest.fixture(scope="session")
+def experiments(reproduced, tmp_path_factory) -> Experiments:
+    """A copy of ``reproduced`` that also holds the :data:`EXPERIMENTS`, its workspace the baseline again."""
+    repo = copy_repo(reproduced.repo, tmp_path_factory.mktemp("exps") / "repo")
+    md5 = {}
+    for name, lr in EXPERIMENTS.items():
+        sh(repo, "dvc", "exp", "run", "-n", name, "-S", f"train.lr={lr}")
+        md5[name] = model_md5(repo)
+    sh(repo, "git", "checkout", "--", ".")  # the workspace back at the baseline: git for the small files ...
+    sh(repo, "dvc", "checkout")  # ... DVC for the cached outputs
+    return Experiments(repo, md5)

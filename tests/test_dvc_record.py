@@ -16,56 +16,23 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
-from tests.conftest import child_env, copy_repo, project_repo, sh
+from tests.conftest import child_env, copy_repo, model_md5, sh
 
 pytestmark = pytest.mark.slow
 
-# 2,500 training samples in 50 steps of 50 per epoch, a checkpoint every 10 steps: long enough to kill mid-epoch
-RECORD = {
-    "data": {"subset": 3000, "val_size": 500},
-    "train": {"epochs": 2, "batch_size": 50, "checkpoint_every_steps": 10},
-    "evaluate": {"batch_size": 1000},
-}
 UP_TO_DATE = "Data and pipelines are up to date."
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> tuple[Path, str]:
-    """A repo after a full `dvc repro`, committed, and its model md5. Tests change only their own copy (``repo``)."""
-    repo = project_repo(tmp_path_factory.mktemp("record") / "repo", RECORD)
-    sh(repo, "dvc", "repro")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "baseline results")
-    return repo, model_md5(repo)
-
-
-@pytest.fixture(scope="module")
-def with_experiment(baseline, tmp_path_factory) -> tuple[Path, str]:
-    """A copy of the baseline that also holds an experiment, lr-high, and that experiment's model md5."""
-    repo = copy_repo(baseline[0], tmp_path_factory.mktemp("experiment") / "repo")
-    sh(repo, "dvc", "exp", "run", "-n", "lr-high", "-S", "train.lr=0.004")
-    changed = model_md5(repo)
-    sh(repo, "git", "checkout", "--", ".")  # the workspace back at the baseline
-    sh(repo, "dvc", "checkout")
-    return repo, changed
+@pytest.fixture
+def first(reproduced) -> str:
+    """The baseline's model md5 (conftest's E2E params: 50 steps per epoch, a checkpoint every 10)."""
+    return reproduced.md5
 
 
 @pytest.fixture
-def first(baseline) -> str:
-    return baseline[1]
-
-
-@pytest.fixture
-def repo(baseline, tmp_path) -> Path:
-    return copy_repo(baseline[0], tmp_path / "repo")
-
-
-def model_md5(repo: Path) -> str:
-    """The models output's hash as dvc.lock records it."""
-    train = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
-    return next(o["md5"] for o in train["outs"] if o["path"] == "models")
+def repo(reproduced, tmp_path) -> Path:
+    return copy_repo(reproduced.repo, tmp_path / "repo")
 
 
 def assert_up_to_date(repo: Path) -> None:
@@ -156,8 +123,8 @@ def test_sigterm_to_dvc_ends_the_trainer_and_the_run_resumes(repo, first, tmp_pa
     assert model_md5(repo) == first
 
 
-def test_exp_apply_of_an_experiment_and_of_the_baseline_keeps_the_pipeline_up_to_date(with_experiment, first, tmp_path):
-    repo, changed = copy_repo(with_experiment[0], tmp_path / "repo"), with_experiment[1]
+def test_exp_apply_of_an_experiment_and_of_the_baseline_keeps_the_pipeline_up_to_date(experiments, first, tmp_path):
+    repo, changed = copy_repo(experiments.repo, tmp_path / "repo"), experiments.md5["lr-high"]
     assert changed != first
     sh(repo, "dvc", "exp", "apply", "lr-high")
     assert model_md5(repo) == changed
@@ -168,12 +135,12 @@ def test_exp_apply_of_an_experiment_and_of_the_baseline_keeps_the_pipeline_up_to
     assert_up_to_date(repo)
 
 
-def test_git_checkout_then_dvc_checkout_keeps_the_pipeline_up_to_date(with_experiment, first, tmp_path):
-    repo = copy_repo(with_experiment[0], tmp_path / "repo")
+def test_git_checkout_then_dvc_checkout_keeps_the_pipeline_up_to_date(experiments, first, tmp_path):
+    repo = copy_repo(experiments.repo, tmp_path / "repo")
     sh(repo, "dvc", "exp", "branch", "lr-high", "lr-high-branch")
     sh(repo, "git", "checkout", "-q", "lr-high-branch")
     sh(repo, "dvc", "checkout")
-    assert model_md5(repo) == with_experiment[1]
+    assert model_md5(repo) == experiments.md5["lr-high"]
     assert_up_to_date(repo)
     sh(repo, "git", "checkout", "-q", "-")
     sh(repo, "dvc", "checkout")
