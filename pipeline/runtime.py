@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import psutil
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -17,9 +18,10 @@ from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 from pipeline.metrics import Predictions
 
-# threads per process on CPU for runs DVC starts (a stage's command line cannot take them): runs side by side,
-# as `dvc queue start -j N` starts them, share the cores instead of each taking all of them
+# threads per process on CPU for runs DVC starts (a stage's command line cannot take them); unset, a run takes
+# its share of the host's cores: split across its processes and, under `dvc queue start -j N`, the N workers
 CPU_THREADS_VAR = "PIPELINE_CPU_THREADS"
+QUEUE_WORKER = ["exp", "queue-worker"]  # how DVC runs each of a queue's workers: dvc exp queue-worker <node>
 # set by a launcher that starts the processes of a group: torchrun's elastic agent (also under accelerate
 # launch), SLURM's srun, Open MPI's and MPICH's mpirun
 LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -40,8 +42,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
         "--cpu-threads",
         type=_thread_count,
         default=os.environ.get(CPU_THREADS_VAR, "0"),
-        help=f"threads per process when running on CPU; 0 = the host's cores split across its processes "
-        f"(default: ${CPU_THREADS_VAR}, else 0; set it for runs side by side, e.g. under `dvc queue start -j N`). "
+        help=f"threads per process when running on CPU; 0 = the host's cores split across its processes and, "
+        f"under `dvc queue start -j N`, the N runs side by side (default: ${CPU_THREADS_VAR}, else 0). "
         "Results on CPU are bitwise reproducible for a fixed thread count.",
     )
 
@@ -53,11 +55,31 @@ def _thread_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} (from --cpu-threads or ${CPU_THREADS_VAR}) is no count") from None
 
 
-def cpu_threads_for(requested: int, cpu_count: int | None, local_processes: int) -> int:
-    """Threads per process: ``requested`` if > 0, else this host's cores split evenly across its processes."""
+def cpu_threads_for(requested: int, cpu_count: int | None, local_processes: int, runs: int = 1) -> int:
+    """Threads per process: ``requested`` if > 0, else this host's cores split evenly across its processes
+    and the ``runs`` side by side."""
     if requested > 0:
         return requested
-    return max(1, (cpu_count or 1) // max(1, local_processes))
+    return max(1, (cpu_count or 1) // max(1, local_processes * runs))
+
+
+def _queue_node(proc: psutil.Process) -> str | None:
+    """The queue a DVC queue worker serves (``dvc-exp-<repo hash>``, from its node ``…-<n>@localhost``), else None."""
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return None
+    at = next((i for i in range(len(cmd) - 2) if cmd[i : i + 2] == QUEUE_WORKER), None)
+    return None if at is None else cmd[at + 2].split("@")[0].rsplit("-", 1)[0]
+
+
+def queue_runs() -> int:
+    """How many runs the DVC queue that started this process runs side by side (its live workers, the N of
+    ``dvc queue start -j N``); 1 outside a queue."""
+    queue = next((q for q in map(_queue_node, psutil.Process().parents()) if q), None)
+    if queue is None:
+        return 1
+    return max(1, sum(1 for p in psutil.process_iter() if _queue_node(p) == queue))
 
 
 def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
@@ -86,7 +108,8 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
                 "set train.mixed_precision (or accelerate's --mixed_precision) to bf16 or no"
             )
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(cpu_threads_for(cpu_threads, os.cpu_count(), local))
+        runs = queue_runs() if cpu_threads == 0 else 1
+        torch.set_num_threads(cpu_threads_for(cpu_threads, os.cpu_count(), local, runs))
     if world > 1 and accelerator.num_processes == 1:
         raise PipelineError(
             f"WORLD_SIZE={world} but Accelerate joined only 1 process, so each would train alone on all data; "

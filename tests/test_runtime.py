@@ -1,19 +1,26 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from pipeline.errors import PipelineError
 from pipeline.runtime import cpu_threads_for, make_accelerator
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize(
-    ("requested", "cores", "local", "expected"),
-    [(3, 16, 2, 3), (0, 16, 2, 8), (0, 2, 1, 2), (0, 2, 4, 1), (0, None, 1, 1)],
-    ids=["explicit", "split-across-processes", "single-process", "more-processes-than-cores", "unknown-cores"],
-)
-def test_cpu_threads_default_to_the_cores_split_across_local_processes(requested, cores, local, expected):
-    assert cpu_threads_for(requested, cores, local) == expected
+    ("requested", "cores", "local", "runs", "expected"),
+    [(3, 16, 2, 1, 3), (0, 16, 2, 1, 8), (0, 2, 1, 1, 2), (0, 2, 4, 1, 1), (0, None, 1, 1, 1), (0, 16, 2, 2, 4),
+     (0, 2, 1, 2, 1), (3, 16, 1, 4, 3)],
+    ids=["explicit", "split-across-processes", "single-process", "more-processes-than-cores", "unknown-cores",
+         "two-queued-runs-of-two-processes", "two-queued-runs-on-two-cores", "explicit-beats-the-queue"],
+)  # fmt: skip
+def test_cpu_threads_default_to_the_cores_split_across_local_processes_and_queued_runs(
+    requested, cores, local, runs, expected
+):
+    assert cpu_threads_for(requested, cores, local, runs) == expected
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the thread count is set on CPU only")
@@ -80,3 +87,27 @@ def test_the_thread_count_comes_from_the_environment_unless_given(monkeypatch, c
     with pytest.raises(SystemExit):
         parsed()
     assert "'two' (from --cpu-threads or $PIPELINE_CPU_THREADS) is no count" in capsys.readouterr().err
+
+
+def test_a_run_under_a_dvc_queue_counts_the_workers_of_its_own_queue(tmp_path):
+    # three stand-in workers, as `dvc queue start -j 2` runs them (dvc exp queue-worker <node>), and one of
+    # another repo's queue; the run is a child of the first
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    count = "from pipeline.runtime import queue_runs; print(queue_runs())"
+    run_under = [
+        sys.executable,
+        "-c",
+        f"import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', {count!r}]))",
+    ]
+    others = [subprocess.Popen([*sleep, "exp", "queue-worker", node]) for node in
+              ("dvc-exp-abc123-2@localhost", "dvc-exp-ffffff-1@localhost")]  # fmt: skip
+    try:
+        out = subprocess.run([*run_under, "exp", "queue-worker", "dvc-exp-abc123-1@localhost", "--clean"], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        alone = subprocess.run([sys.executable, "-c", count], cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        for proc in others:
+            proc.kill()
+            proc.wait()
+    assert out.stdout.strip() == "2", out.stderr  # its own queue's two workers; the other queue's is not counted
+    assert alone.stdout.strip() == "1", alone.stderr  # outside a queue: one run
