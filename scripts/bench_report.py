@@ -97,7 +97,27 @@ def summarise(results: dict[str, dict[str, Row]], targets: list[float]) -> Row:
     accuracy.update(seed_means(accuracy, seed))
     throughput = results["throughput"]
     datapath = {name: data_share(name, row, accuracy, throughput) for name, row in results["datapath"].items()}
-    return {"targets": targets, "throughput": throughput, "accuracy": accuracy, "datapath": datapath}
+    return {"targets": targets, "throughput": throughput, "accuracy": accuracy, "datapath": datapath,
+            "scaling": scaling_ratios(results.get("scaling", {}))}  # fmt: skip
+
+
+def scaling_ratios(rows: dict[str, Row]) -> dict[str, Row]:
+    """The scaling rows, each with its rate relative to its reference: one process for the process rows, the
+    same model at the default batch (128) for the batch rows."""
+    out = {}
+    for name, row in rows.items():
+        ref = rows.get("1proc") if row.get("layout") else rows.get(f"{row['model']}/b128")
+        out[name] = {**row, "relative": round(row["samples_per_s"] / ref["samples_per_s"], 2) if ref else None}
+    return out
+
+
+def scaling_lines(rows: dict[str, Row]) -> list[str]:
+    lines = ["\nScaling (samples/s of the second of 2 epochs; × the 1-process or batch-128 row):\n",
+             "| run | global batch | lr | samples/s | × |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows.values():
+        name = f"{r['model']}, {r['processes']} process(es) × {r['threads']} threads"
+        lines.append(f"| {name} | {r['batch_size']} | {r['lr']} | {r['samples_per_s']:.0f} | {r['relative']} |")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -141,4 +161,6 @@ def markdown(report: dict) -> str:
             share = f"{r['data_share']:.1%}" if "data_share" in r else ""
             step = f"{r['step_ms']:.1f}" if "step_ms" in r else ""
             lines.append(f"| {name} | {r['batch_size']} | {r['data_ms_per_step']:.2f} | {step} | {share} |")
+    if report.get("scaling"):
+        lines += scaling_lines(report["scaling"])
     return "\n".join(lines)

@@ -6,12 +6,16 @@ loader, then reads the per-epoch rows and weights from the checkpoints it kept (
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -19,7 +23,7 @@ from pipeline.batches import augment, rank_batches, to_input
 from pipeline.checkpoint import list_checkpoints, list_runs, read_checkpoint
 from pipeline.dataset import load_split
 from pipeline.model import ModelConfig, build_model
-from pipeline.params import Params, load_params, read_yaml, save_params, with_changes
+from pipeline.params import ModelName, Params, TrainParams, load_params, read_yaml, save_params, with_changes
 from pipeline.train import Paths, command
 from scripts.seed_loop import accuracy_on, sync
 
@@ -34,10 +38,22 @@ def recipe_params(recipe: str) -> Params:
     return load_params(ROOT / "params.yaml", *layers)
 
 
-def train_stage(params: Params, data: Path, out: Path) -> list[Path]:
-    """Run the train stage on ``params`` in a fresh process; returns the checkpoints it kept, oldest first."""
+def launcher(processes: int) -> list[str]:
+    """The stage's launcher for ``processes`` processes on this host (none for one), on a free port. Each takes
+    the stage's default thread count: the host's cores split across them."""
+    if processes == 1:
+        return []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "pipeline.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(port)]  # fmt: skip
+
+
+def train_stage(params: Params, data: Path, out: Path, processes: int = 1) -> list[Path]:
+    """Run the train stage on ``params`` in fresh processes; returns the checkpoints it kept, oldest first."""
     save_params(params, out / "params.yaml")
-    cmd = command(out / "params.yaml", Paths.under(out, data), [], "--keep-state")
+    cmd = command(out / "params.yaml", Paths.under(out, data), launcher(processes), "--keep-state")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}  # params decide, not the shell
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -50,27 +66,60 @@ def gpu_peak(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {"peak_gpu_mb": max(r["peak_gpu_memory_mb"] for r in rows)} if "peak_gpu_memory_mb" in rows[0] else {}
 
 
-def run_option(data: Path, samples: int, train_changes: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Two epochs of ``samples`` training images under one speed option; the second epoch is timed."""
+def run_option(
+    data: Path, samples: int, train_changes: dict[str, Any], seed: int, model: str = "", processes: int = 1
+) -> dict[str, Any]:
+    """Two epochs of ``samples`` training images under one speed option (and ``model``, on ``processes``
+    processes); the second epoch is timed."""
     val = 500
-    params = with_changes(
-        recipe_params("default"),
-        {"data": {"subset": samples + val, "val_size": val}, "train": {"epochs": 2, "seed": seed, **train_changes}},
-    )
+    changes = {
+        "data": {"subset": samples + val, "val_size": val},
+        "train": {"epochs": 2, "seed": seed, **train_changes},
+    } | ({"model": {"name": model}} if model else {})
+    params = with_changes(recipe_params("default"), changes)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        rows = read_checkpoint(train_stage(params, data, Path(tmp))[-1]).state.history
-    batch = params.train.batch_size
+        rows = read_checkpoint(train_stage(params, data, Path(tmp), processes)[-1]).state.history
+        info = json.loads((Path(tmp) / "models" / "model.json").read_text())
+    batch, made = params.train.batch_size, info["provenance"]
     return {
         "samples": (samples // batch) * batch,
         "samples_per_s": rows[-1]["samples_per_s"],
         "first_epoch_samples_per_s": rows[0]["samples_per_s"],
         **gpu_peak(rows),
+        # how the stage says it ran
+        "model": info["model"]["name"],
+        "batch_size": made["params"]["train.batch_size"],
+        "lr": made["params"]["train.lr"],
+        "processes": made["processes"],
+        "threads": made.get("cpu_threads"),
     }
 
 
-def run_recipe(data: Path, recipe: str, seed: int, quick: bool) -> dict[str, Any]:
-    """A whole recipe on the train stage; the test accuracy of every epoch's checkpoint afterwards (not timed)."""
+def at_batch(cfg: TrainParams, batch: int) -> dict[str, Any]:
+    """``cfg``'s train changes for global batch ``batch``: its learning rate scaled by the square root of the
+    batch's growth (as Adam's noise scale suggests)."""
+    return {"batch_size": batch, "lr": round(cfg.lr * math.sqrt(batch / cfg.batch_size), 6)}
+
+
+SCALING_BATCHES = (64, 128, 256, 512, 1024)
+# the scaling rows: the default recipe on 1 and on 2 processes (each with its share of the cores), then
+# each model at each global batch
+SCALING = ["1proc", "2proc"] + [f"{m}/b{b}" for m in get_args(ModelName) for b in SCALING_BATCHES]
+
+
+def run_scaling(data: Path, samples: int, variant: str, seed: int) -> dict[str, Any]:
+    """One scaling row (:data:`SCALING`): throughput as :func:`run_option` measures it, with its layout."""
+    if variant.endswith("proc"):
+        return {**run_option(data, samples, {}, seed, processes=int(variant.removesuffix("proc"))), "layout": True}
+    model, batch = variant.split("/b")
+    return run_option(data, samples, at_batch(recipe_params("default").train, int(batch)), seed, model=model)
+
+
+def run_recipe(data: Path, recipe: str, seed: int, quick: bool, batch: int = 0) -> dict[str, Any]:
+    """A whole recipe on the train stage (at global ``batch``, if given, with :func:`at_batch`'s learning rate);
+    the test accuracy of every epoch's checkpoint afterwards (not timed)."""
     params = recipe_params(recipe)
+    params = with_changes(params, {"train": at_batch(params.train, batch)}) if batch else params
     smoke = {"data": {"subset": QUICK["train"] + QUICK["val"], "val_size": QUICK["val"]},
              "train": {"epochs": min(QUICK["epochs"], params.train.epochs)}}  # fmt: skip
     params = with_changes(params, smoke) if quick else params

@@ -17,6 +17,11 @@ recipes (``recipes/*.yaml`` on top of params.yaml). Reports the training time un
 accuracy first reaches each ``--targets`` value, the final accuracy, and ratios to the seed
 loop (a ``>`` ratio when the seed loop never reached the target: its whole run is the bound).
 
+**scaling** (same timing as throughput, one round): the default recipe on 1 process and on 2, each
+process with its share of the cores; then samples/s of each model at global batches 64 to 1024, the
+learning rate scaled by the square root of the batch. ``--batches`` adds accuracy rows (``NAME@bB``)
+of each recipe at those global batches: what the larger batches cost in accuracy.
+
 Also profiles the device data path (index, flip, translate, cutout, to float) against the measured
 step time. Results go to ``--out`` as JSON and to stdout as Markdown tables (``scripts/bench_report.py``).
 The jobs that drive the train stage are in ``scripts/bench_stage.py``.
@@ -41,7 +46,7 @@ import torch
 from pipeline.files import write_json
 from pipeline.provenance import cpu_model
 from scripts.bench_report import markdown, merge_rounds, summarise
-from scripts.bench_stage import QUICK, profile_data_path, run_option, run_recipe
+from scripts.bench_stage import QUICK, SCALING, profile_data_path, run_option, run_recipe, run_scaling
 from scripts.seed_loop import run_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +64,8 @@ OPTIONS: dict[str, dict] = {
 }
 GPU_ONLY = {"cudnn-benchmark"}
 RECIPES = ("default", "fast", "beyond")
-PARTS = ("throughput", "accuracy", "datapath")
-Part = Literal["throughput", "accuracy", "datapath"]
+PARTS = ("throughput", "accuracy", "datapath", "scaling")
+Part = Literal["throughput", "accuracy", "datapath", "scaling"]
 
 
 @dataclass(frozen=True)
@@ -72,10 +77,12 @@ class Job:
     seed: int = 0  # train.seed
     per_seed: bool = False  # an accuracy row of a run over several seeds: named VARIANT/seedS
     round: int = 0  # throughput rounds run every variant in turn
+    batch: int = 0  # an accuracy row of a recipe at this global batch (NAME@bB); 0: the recipe's own
 
     @property
     def row(self) -> str:
-        return f"{self.variant}/seed{self.seed}" if self.per_seed else self.variant
+        name = f"{self.variant}@b{self.batch}" if self.batch else self.variant
+        return f"{name}/seed{self.seed}" if self.per_seed else name
 
     def __str__(self) -> str:
         return f"{self.part}:{self.row}" + (f" (round {self.round + 1})" if self.part == "throughput" else "")
@@ -100,12 +107,14 @@ def parse_args() -> argparse.Namespace:
         help="a smoke run for CI: 2,000 samples per throughput epoch; recipes on 2,500 train / 1,000 test "
         "samples for at most 2 epochs",
     )
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS[:3]),
+                   help="what to measure (default: %(default)s)")  # fmt: skip
     p.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS), help="throughput rows")
     p.add_argument(
         "--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="time-to-accuracy and data-path rows"
     )
     p.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.91], help="test accuracies to time")
+    p.add_argument("--batches", type=int, nargs="+", default=[], help="also time each recipe at these global batches")
     p.add_argument(
         "--repeats",
         type=int,
@@ -148,7 +157,9 @@ def run_job(job: Job, data: Path, samples: int, quick: bool) -> dict[str, Any]:
         sizes = (QUICK["train"] + QUICK["val"], QUICK["epochs"], QUICK["test"]) if quick else (0, 10, 0)
         result = run_seed(data, *sizes)
     elif job.part == "accuracy":
-        result = run_recipe(data, job.variant, job.seed, quick)
+        result = run_recipe(data, job.variant, job.seed, quick, job.batch)
+    elif job.part == "scaling":
+        result = run_scaling(data, samples, job.variant, job.seed)
     else:
         result = profile_data_path(data, job.variant)
     return {**result, **peak_memory()}
@@ -164,9 +175,12 @@ def plan(args: argparse.Namespace) -> list[Job]:
     if "accuracy" in args.parts:
         per_seed = len(args.seeds) > 1
         jobs += [Job("accuracy", "seed")]
-        jobs += [Job("accuracy", r, s, per_seed) for r in args.recipes for s in args.seeds]
+        jobs += [Job("accuracy", r, s, per_seed, batch=b) for r in args.recipes for b in [0, *args.batches]
+                 for s in args.seeds]  # fmt: skip
     if "datapath" in args.parts:
         jobs += [Job("datapath", r) for r in args.recipes]
+    if "scaling" in args.parts:
+        jobs += [Job("scaling", v, args.seeds[0]) for v in SCALING]
     return jobs
 
 
@@ -191,7 +205,7 @@ def main() -> int:
     if not (data / "train-images-idx3-ubyte").is_file():
         print(f"error: no IDX files in {data}; run `dvc repro download`", file=sys.stderr)
         return 1
-    results: dict[str, dict] = {"throughput": {}, "accuracy": {}, "datapath": {}}
+    results: dict[str, dict] = {part: {} for part in PARTS}
     rounds: dict[str, list[dict]] = {}  # throughput variant -> one result per round
     for job in plan(args):
         cmd = [sys.executable, "-m", "scripts.benchmark", "--job", job.to_json(), "--data", str(data),

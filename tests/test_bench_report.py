@@ -46,3 +46,23 @@ def test_throughput_rounds_give_medians_and_ratios_paired_by_round():
     machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2", "throughput_samples_per_epoch": 20000}
     table = markdown({"throughput": rows, "accuracy": {}, "datapath": {}, "machine": machine})
     assert "median of 3 rounds" in table and "| default | 6000 | 3.0 | 3.0-3.5 | 4000 | 950 |" in table
+
+
+def test_scaling_rows_relate_to_one_process_and_to_the_models_batch_128():
+    common = {"processes": 1, "threads": 2, "lr": 0.002, "batch_size": 128}
+    rows = {
+        "1proc": {**common, "samples_per_s": 6000.0, "model": "tutorial_cnn", "layout": True},
+        "2proc": {**common, "samples_per_s": 4500.0, "model": "tutorial_cnn", "layout": True, "processes": 2,
+                  "threads": 1},
+        "bn_cnn/b128": {**common, "samples_per_s": 2000.0, "model": "bn_cnn"},
+        "bn_cnn/b512": {**common, "samples_per_s": 3000.0, "model": "bn_cnn", "batch_size": 512, "lr": 0.004},
+        "tutorial_cnn/b64": {**common, "samples_per_s": 5000.0, "model": "tutorial_cnn", "batch_size": 64},
+    }  # fmt: skip
+    report = summarise({"throughput": {}, "accuracy": {}, "datapath": {}, "scaling": rows}, [0.9])
+    scaling = report["scaling"]
+    assert scaling["2proc"]["relative"] == 0.75 and scaling["1proc"]["relative"] == 1.0
+    assert scaling["bn_cnn/b512"]["relative"] == 1.5
+    assert scaling["tutorial_cnn/b64"]["relative"] is None  # no batch-128 row of its model to compare with
+    table = markdown({**report, "machine": {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}})
+    assert "| tutorial_cnn, 2 process(es) × 1 threads | 128 | 0.002 | 4500 | 0.75 |" in table
+    assert "| bn_cnn, 1 process(es) × 2 threads | 512 | 0.004 | 3000 | 1.5 |" in table

@@ -2,18 +2,20 @@
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from scripts.bench_stage import at_batch, recipe_params
 from scripts.benchmark import OPTIONS, RECIPES, Job, plan
 from tests.conftest import REPO, write_raw
 
 
 def test_the_plan_runs_every_option_per_round_then_the_recipes_per_seed_then_their_data_paths():
     args = argparse.Namespace(parts=["throughput", "accuracy", "datapath"], options=list(OPTIONS), repeats=2,
-                              quick=False, recipes=list(RECIPES), seeds=[3, 4])  # fmt: skip
+                              quick=False, recipes=list(RECIPES), seeds=[3, 4], batches=[])  # fmt: skip
     jobs = plan(args)
     cpu_options = [o for o in OPTIONS if o != "cudnn-benchmark"]
     throughput = [j for j in jobs if j.part == "throughput"]
@@ -22,6 +24,17 @@ def test_the_plan_runs_every_option_per_round_then_the_recipes_per_seed_then_the
     assert accuracy == ["seed"] + [f"{r}/seed{s}" for r in RECIPES for s in (3, 4)]
     assert [j.variant for j in jobs if j.part == "datapath"] == list(RECIPES)
     assert all(Job.from_json(j.to_json()) == j for j in jobs)  # what a child process is told, it reads back
+    assert not [j for j in jobs if j.part == "scaling"]  # on request only
+
+
+def test_the_scaling_part_and_batches_add_their_rows():
+    args = argparse.Namespace(parts=["accuracy", "scaling"], options=[], repeats=1, quick=False,
+                              recipes=["default"], seeds=[0], batches=[512])  # fmt: skip
+    jobs = plan(args)
+    assert [j.row for j in jobs if j.part == "accuracy"] == ["seed", "default", "default@b512"]
+    scaling = [j.variant for j in jobs if j.part == "scaling"]
+    assert scaling[:2] == ["1proc", "2proc"] and "bn_cnn/b1024" in scaling and "tutorial_cnn/b64" in scaling
+    assert at_batch(recipe_params("default").train, 512) == {"batch_size": 512, "lr": 0.004}  # 0.002 x sqrt(4)
 
 
 @pytest.mark.slow
@@ -134,3 +147,20 @@ def test_recipe_check_ends_a_failed_stage_in_one_line_without_a_traceback(tmp_pa
     assert unknown.returncode == 2 and unknown.stderr.startswith(
         "error: recipe 'fastest' not found in recipes/; known: beyond, fast"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["2proc", "bn_cnn/b256"])
+def test_a_scaling_row_trains_on_its_processes_or_at_its_batch(tmp_path, variant):
+    raw = write_raw(tmp_path / "raw", n_train=1600, n_test=10)
+    job = Job("scaling", variant).to_json()
+    proc = subprocess.run([sys.executable, "-m", "scripts.benchmark", "--job", job, "--quick", "--data", str(raw)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.strip().splitlines()[-1])  # as the stage recorded the run (models/model.json)
+    assert row["samples_per_s"] > 0
+    if variant == "2proc":
+        share = max(1, (os.cpu_count() or 1) // 2)  # each process's share of the cores
+        assert (row["processes"], row["threads"], row["model"]) == (2, share, "tutorial_cnn")
+    else:
+        assert (row["processes"], row["model"], row["batch_size"], row["lr"]) == (1, "bn_cnn", 256, 0.002828)
