@@ -105,8 +105,8 @@ def scaling_ratios(rows: dict[str, Row]) -> dict[str, Row]:
     """The scaling rows, each with its rate relative to its reference: one process for the process rows, the
     same model at the default batch (128) for the batch rows."""
     out = {}
-    for name, row in rows.items():
-        ref = rows.get("1proc") if row.get("layout") else rows.get(f"{row['model']}/b128")
+    for name, row in rows.items():  # named as bench_stage.SCALING names them: NPROC, or MODEL/bB
+        ref = rows.get("1proc") if name.endswith("proc") else rows.get(f"{row['model']}/b128")
         out[name] = {**row, "relative": round(row["samples_per_s"] / ref["samples_per_s"], 2) if ref else None}
     return out
 

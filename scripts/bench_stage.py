@@ -108,9 +108,9 @@ SCALING = ["1proc", "2proc"] + [f"{m}/b{b}" for m in get_args(ModelName) for b i
 
 
 def run_scaling(data: Path, samples: int, variant: str, seed: int) -> dict[str, Any]:
-    """One scaling row (:data:`SCALING`): throughput as :func:`run_option` measures it, with its layout."""
+    """One scaling row (:data:`SCALING`): throughput as :func:`run_option` measures it."""
     if variant.endswith("proc"):
-        return {**run_option(data, samples, {}, seed, processes=int(variant.removesuffix("proc"))), "layout": True}
+        return run_option(data, samples, {}, seed, processes=int(variant.removesuffix("proc")))
     model, batch = variant.split("/b")
     return run_option(data, samples, at_batch(recipe_params("default").train, int(batch)), seed, model=model)
 

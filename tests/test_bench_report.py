@@ -51,8 +51,8 @@ def test_throughput_rounds_give_medians_and_ratios_paired_by_round():
 def test_scaling_rows_relate_to_one_process_and_to_the_models_batch_128():
     common = {"processes": 1, "threads": 2, "lr": 0.002, "batch_size": 128}
     rows = {
-        "1proc": {**common, "samples_per_s": 6000.0, "model": "tutorial_cnn", "layout": True},
-        "2proc": {**common, "samples_per_s": 4500.0, "model": "tutorial_cnn", "layout": True, "processes": 2,
+        "1proc": {**common, "samples_per_s": 6000.0, "model": "tutorial_cnn"},
+        "2proc": {**common, "samples_per_s": 4500.0, "model": "tutorial_cnn", "processes": 2,
                   "threads": 1},
         "bn_cnn/b128": {**common, "samples_per_s": 2000.0, "model": "bn_cnn"},
         "bn_cnn/b512": {**common, "samples_per_s": 3000.0, "model": "bn_cnn", "batch_size": 512, "lr": 0.004},
