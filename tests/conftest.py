@@ -24,6 +24,27 @@ DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # the offline source the end
 TIMING_KEYS = frozenset({"epoch_time_s", "samples_per_s", "peak_gpu_memory_mb"})  # curves that change on every run
 
 
+# Test files whose tests share session fixtures (the reproduced repo and its experiments, half a minute each):
+# one pytest-xdist worker takes them together, so that each fixture is built once.
+SHARED_SESSION = {"tests/test_dvc_record.py": "dvc-repo", "tests/test_pipeline_e2e.py": "dvc-repo"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Hand each xdist worker whole test files (module fixtures are built once), :data:`SHARED_SESSION` together.
+
+    (xdist's own ``--dist loadgroup`` would say this with marks, but does not group under pytest 9.2:
+    pytest-dev/pytest-xdist#1386.)
+    """
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtures(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return SHARED_SESSION.get(file, file)
+
+    return SharedFixtures(config, log)
+
+
 def idx_bytes(t: torch.Tensor) -> bytes:
     """Encode a uint8 tensor as an IDX file."""
     header = bytes([0, 0, 0x08, t.ndim]) + struct.pack(f">{t.ndim}I", *t.shape)

@@ -217,9 +217,9 @@ def test_bad_param_fails_the_stage_with_one_line_and_no_traceback(reproduced, tm
 
 
 def test_a_queued_grid_runs_two_at_a_time_sharing_the_cores(reproduced, tmp_path):
-    # the README's sweep: a 2 x 2 grid queued, then `dvc queue start -j 2`: each run takes half the cores
+    # the README's sweep, on a 2 x 1 grid: queued, then `dvc queue start -j 2`: each run takes half the cores
     repo = copy_repo(reproduced.repo, tmp_path / "repo")
-    grid = ["-S", "train.lr=0.001,0.003", "-S", "train.seed=0,1", "-S", "train.epochs=1"]
+    grid = ["-S", "train.lr=0.001,0.003", "-S", "train.seed=0", "-S", "train.epochs=1"]
     sh(repo, "dvc", "exp", "run", "--queue", *grid)
     sh(repo, "dvc", "queue", "start", "-j", "2")
     try:
@@ -237,7 +237,7 @@ def test_a_queued_grid_runs_two_at_a_time_sharing_the_cores(reproduced, tmp_path
         train = data["params"]["params.yaml"]["data"]["train"]
         ran.add((train["lr"], train["seed"]))
         assert 0 <= data["metrics"]["metrics/test.json"]["data"]["test"]["accuracy"] <= 1
-    assert ran == {(0.001, 0), (0.001, 1), (0.003, 0), (0.003, 1)}
+    assert ran == {(0.001, 0), (0.003, 0)}
     log = sh(repo, "dvc", "queue", "logs", runs[-1]["name"]).stdout  # one that ran beside another
     share = max(1, (os.cpu_count() or 1) // 2)
     assert f"1 process(es) on cpu ({share} threads)" in log  # its share of the cores, not all of them
