@@ -69,6 +69,7 @@ class Scored:
     classes: tuple[str, ...]  # as the artifact names them
     counts: torch.Tensor  # confusion matrix: rows are true classes
     metrics: dict[str, Any]  # metrics/test.json's "test" section
+    tta: str  # the test-time augmentation the predictions used (evaluate.tta)
 
 
 def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params) -> Scored:
@@ -76,7 +77,7 @@ def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params)
     model, model_cfg = load_artifact(model_dir)
     test = load_split(data, "test", params.data.subset)
     model, loader = accelerator.prepare(model, eval_loader(test, params.evaluate.batch_size))
-    got = predict(accelerator, model, loader)
+    got = predict(accelerator, model, loader, params.evaluate.tta)
     assert len(got.preds) == len(test), f"counted {len(got.preds)} predictions for {len(test)} test samples"
     info = artifact_info(model_dir)
     classes = tuple(info["classes"])
@@ -88,7 +89,7 @@ def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params)
         "samples": report["samples"],
         "per_class": report["per_class_accuracy"],
     }
-    return Scored(test, got, info, classes, counts, metrics)
+    return Scored(test, got, info, classes, counts, metrics, params.evaluate.tta)
 
 
 def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
@@ -107,12 +108,14 @@ def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
 
 def summary(scored: Scored, model_dir: Path, out: Path, eval_dir: Path, seconds: float) -> str:
     info, metrics = scored.info, scored.metrics
+    tta = "" if scored.tta == "none" else f", {scored.tta} test-time augmentation"
+    counted = f"loss {metrics['loss']:.4f}, {metrics['samples']} samples{tta}"
     worst = sorted(metrics["per_class"].items(), key=lambda kv: kv[1])[:3]
     return summary_table(
         [
             ("model", f"{model_dir}/ ({info['model']['name']}, {info.get('final_model', '?')} weights of "
                       f"epoch {info.get('epoch', '?')}, val accuracy {info.get('val_accuracy', float('nan')):.4f})"),
-            ("test accuracy", f"{metrics['accuracy']:.4f} (loss {metrics['loss']:.4f}, {metrics['samples']} samples)"),
+            ("test accuracy", f"{metrics['accuracy']:.4f} ({counted})"),
             ("worst classes", ", ".join(f"{k} {v:.3f}" for k, v in worst)),
             ("time", f"{seconds:.1f}s"),
             ("artifacts", f"{out}; {eval_dir}/ (confusion, per-class, misclassified.png)"),

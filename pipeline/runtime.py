@@ -17,6 +17,7 @@ from pipeline.batches import to_input
 from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 from pipeline.metrics import Predictions
+from pipeline.params import TestTimeAugmentation
 
 # threads per process on CPU for runs DVC starts (a stage's command line cannot take them); unset, a run takes
 # its share of the host's cores: split across its processes and, under `dvc queue start -j N`, the N workers
@@ -156,8 +157,18 @@ def eval_loader(split: Split, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
+def logits_of(model: nn.Module, inputs: torch.Tensor, tta: TestTimeAugmentation = "none") -> torch.Tensor:
+    """``model``'s float32 logits for ``inputs`` (N, C, H, W); ``tta="flip"`` averages them with its mirror's."""
+    logits = model(inputs).float()
+    if tta == "flip":
+        logits = (logits + model(inputs.flip(-1)).float()) / 2
+    return logits
+
+
 @torch.no_grad()
-def predict(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> Predictions:
+def predict(
+    accelerator: Accelerator, model: nn.Module, loader: DataLoader, tta: TestTimeAugmentation = "none"
+) -> Predictions:
     """Predictions for every sample exactly once, whatever the number of processes.
 
     ``loader`` must be prepared; ``gather_for_metrics`` drops the duplicates that pad
@@ -166,7 +177,7 @@ def predict(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> P
     model.eval()
     parts: list[tuple[torch.Tensor, ...]] = []
     for i, images, y in loader:
-        logits = model(to_input(images)).float()
+        logits = logits_of(model, to_input(images), tta)
         loss = nn.functional.cross_entropy(logits, y, reduction="none")
         confidence, p = logits.softmax(dim=1).max(dim=1)
         parts.append(tuple(t.cpu() for t in accelerator.gather_for_metrics((i, p, y, loss, confidence))))

@@ -123,7 +123,7 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool, batch: int = 0) 
     smoke = {"data": {"subset": QUICK["train"] + QUICK["val"], "val_size": QUICK["val"]},
              "train": {"epochs": min(QUICK["epochs"], params.train.epochs)}}  # fmt: skip
     params = with_changes(params, smoke) if quick else params
-    epochs = params.train.epochs
+    epochs, tta = params.train.epochs, params.evaluate.tta
     params = with_changes(params, {"train": {"seed": seed, "keep_checkpoints": epochs, "checkpoint_every_steps": 0}})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     test = load_split(data, "test", QUICK["test"] if quick else 0)
@@ -140,9 +140,9 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool, batch: int = 0) 
         for path, row in zip(found, rows, strict=True):
             train_s += steps / row["samples_per_s"]
             model.load_state_dict(read_checkpoint(path).model)
-            curve.append({"train_s": round(train_s, 2), "test_accuracy": accuracy_on(model, test_x, test_y)})
+            curve.append({"train_s": round(train_s, 2), "test_accuracy": accuracy_on(model, test_x, test_y, tta)})
     return {
-        "recipe": {"model": params.model.name, **dict(sorted(vars(params.train).items()))},
+        "recipe": {"model": params.model.name, **dict(sorted(vars(params.train).items())), "tta": tta},
         "samples_per_s": round(epochs * steps / train_s, 1),
         "train_s": round(train_s, 2),
         "process_wall_s": round(wall, 1),

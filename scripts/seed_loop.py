@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from pipeline.params import TestTimeAugmentation
+from pipeline.runtime import logits_of
+
 
 def sync() -> None:
     """Wait for the GPU, so that a clock read after it counts the work queued before it."""
@@ -24,12 +27,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def accuracy_on(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Accuracy of ``model`` on float inputs ``images`` (N, 1, 28, 28) on its device."""
+def accuracy_on(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, tta: TestTimeAugmentation = "none"
+) -> float:
+    """Accuracy of ``model`` on float inputs ``images`` (N, 1, 28, 28) on its device, as evaluate scores it
+    under test-time augmentation ``tta``."""
     model.eval()
     with torch.no_grad():
         correct = sum(
-            int((model(images[i : i + 1000]).argmax(1) == labels[i : i + 1000]).sum())
+            int((logits_of(model, images[i : i + 1000], tta).argmax(1) == labels[i : i + 1000]).sum())
             for i in range(0, len(labels), 1000)
         )
     model.train()

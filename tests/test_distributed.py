@@ -5,6 +5,7 @@ No mocks: every run is a real launch (dvc.yaml's `python -m pipeline.launch`, or
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -52,17 +53,19 @@ def raw(workdir) -> Path:
     return write_raw(workdir / "raw", n_train=400, n_test=137)
 
 
+PARAMS = {
+    "data": {"subset": 0, "val_size": 77},  # 323 train samples: ragged tail; 77 val: not divisible by 2 x batch
+    # every augmentation on: each is drawn per position of the global order, so shards match
+    "train": {"epochs": 2, "batch_size": 40, "lr": 0.003, "seed": 4, "eval_batch_size": 16, "translate": 2,
+              "cutout": 6},
+    "evaluate": {"batch_size": 16},
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def params(workdir) -> Path:
     path = workdir / "params.yaml"
-    overrides = {
-        "data": {"subset": 0, "val_size": 77},  # 323 train samples: ragged tail; 77 val: not divisible by 2 x batch
-        # every augmentation on: each is drawn per position of the global order, so shards match
-        "train": {"epochs": 2, "batch_size": 40, "lr": 0.003, "seed": 4, "eval_batch_size": 16, "translate": 2,
-                  "cutout": 6},
-        "evaluate": {"batch_size": 16},
-    }  # fmt: skip
-    path.write_text(yaml.safe_dump(full_params(overrides)))
+    path.write_text(yaml.safe_dump(full_params(PARAMS)))
     return path
 
 
@@ -112,9 +115,13 @@ def test_files_are_written_once_by_the_main_process(single, double):
     assert tree(double[0]) == tree(single)
 
 
-def evaluate_on(processes: int, workdir: Path, single: Path, params: Path, raw: Path) -> Path:
+@functools.cache  # the 1-process reference serves both process counts
+def evaluate_on(processes: int, workdir: Path, single: Path, raw: Path, tta: str = "none") -> Path:
     """Evaluate ``single``'s model on ``processes`` processes; returns the metrics file, after checking its counts."""
-    out = workdir / f"eval{processes}"
+    out = workdir / f"eval{processes}-{tta}"
+    params = out / "params.yaml"
+    params.parent.mkdir()
+    params.write_text(yaml.safe_dump(full_params(PARAMS, {"evaluate": {"tta": tta}})))
     launcher = accelerate_launcher(processes) if processes > 1 else []
     cmd = evaluate_command(
         params, raw, single / "models", out / "test.json", out / "eval", launcher, "--cpu-threads", "1"
@@ -123,21 +130,21 @@ def evaluate_on(processes: int, workdir: Path, single: Path, params: Path, raw: 
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "test.json").read_text())["test"]["samples"] == 137
     assert sum(map(sum, json.loads((out / "eval" / "confusion.json").read_text())["counts"])) == 137
-    return out / "test.json"
+    return out
 
 
-@pytest.fixture(scope="module")
-def evaluated_once(workdir, single, params, raw) -> Path:
-    return evaluate_on(1, workdir, single, params, raw)
-
-
+@pytest.mark.parametrize("tta", ["none", "flip"])
 @pytest.mark.parametrize("processes", [2, 3])
-def test_distributed_eval_counts_every_test_sample_exactly_once(
-    evaluated_once, workdir, single, params, raw, processes
-):
+def test_distributed_eval_counts_every_test_sample_exactly_once(workdir, single, raw, processes, tta):
     # 137 test samples, 16 per process per batch: never a multiple of processes x batch
-    metrics = evaluate_on(processes, workdir, single, params, raw)
-    assert metrics.read_bytes() == evaluated_once.read_bytes()  # byte-identical metrics file
+    one = evaluate_on(1, workdir, single, raw, tta)
+    many = evaluate_on(processes, workdir, single, raw, tta)
+    assert (many / "test.json").read_bytes() == (one / "test.json").read_bytes()  # byte-identical metrics file
+
+    def predicted(out: Path) -> list[list[str]]:  # index, actual, predicted (the probability differs by rounding)
+        return [row.split(",")[:3] for row in (out / "eval" / "predictions.csv").read_text().splitlines()]
+
+    assert predicted(many) == predicted(one)
 
 
 def machine(rank: int, port: str, workdir: Path, out: Path, params: Path, raw: Path) -> subprocess.Popen:

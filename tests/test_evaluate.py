@@ -55,6 +55,27 @@ def test_metrics_match_a_direct_computation(tmp_path, tiny_raw, write_params, ar
         assert metrics["per_class"][name] == pytest.approx(expected, abs=1e-6)
 
 
+def test_flip_tta_scores_the_mean_of_an_images_and_its_mirrors_logits(tmp_path, tiny_raw, write_params, capsys):
+    torch.manual_seed(0)
+    net = build_model(ModelConfig())
+    with torch.no_grad():
+        net.classifier[-1].weight.mul_(100)  # confident logits: an image and its mirror score apart
+    artifact = tmp_path / "models"
+    save_artifact(net, ModelConfig(), artifact)
+    run_eval(tmp_path, write_params({"evaluate": {"batch_size": 32, "tta": "flip"}}), artifact)
+    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]
+    model, _ = load_artifact(artifact)
+    test = load_split(tiny_raw, "test")
+    x = test.images.unsqueeze(1).float() / 255
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(-1))
+    averaged = (plain + mirrored) / 2
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(averaged, test.labels).item(), abs=1e-5)
+    assert metrics["loss"] != pytest.approx(torch.nn.functional.cross_entropy(plain, test.labels).item(), abs=1e-4)
+    assert metrics["accuracy"] == pytest.approx((averaged.argmax(1) == test.labels).float().mean().item(), abs=1e-6)
+    assert "flip test-time augmentation" in capsys.readouterr().out
+
+
 def test_subset_limits_the_test_set(tmp_path, tiny_raw, write_params, artifact):
     run_eval(tmp_path, write_params({"data": {"subset": 30}}), artifact)
     assert json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]["samples"] == 30

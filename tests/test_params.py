@@ -32,9 +32,8 @@ def test_a_params_file_that_lacks_keys_is_refused_naming_them(tmp_path):
     del full["train"]["keep_runs"], full["evaluate"]
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(full))
-    with pytest.raises(
-        ParamsError, match=r"lacks train\.keep_runs, evaluate\.batch_size: a params file must set every key"
-    ):
+    lacks = r"lacks train\.keep_runs, evaluate\.batch_size, evaluate\.tta: a params file must set every key"
+    with pytest.raises(ParamsError, match=lacks):
         load_params(path)
 
 
