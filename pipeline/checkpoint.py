@@ -10,6 +10,7 @@ so an interrupted experiment keeps its state while others run, up to ``train.kee
 checkpoint folder holds
 
 - ``model.safetensors`` and ``best.safetensors``: current and best-by-validation weights;
+- ``ema.safetensors``, with ``train.ema`` on: the moving average of the weights (torch's ``AveragedModel``);
 - ``optimizer.pt`` and ``scheduler.pt``: their ``state_dict``s, read with ``weights_only=True``;
 - ``rng.safetensors`` and ``state.json``: epoch, step within the epoch, running epoch sums, the history
   of logged rows.
@@ -38,6 +39,7 @@ from pipeline.provenance import RunKey, first_difference
 
 PREFIX = "step-"
 RUN_FILE = "run.json"
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,16 @@ class Checkpoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: torch.Tensor
+    ema: dict[str, torch.Tensor] | None = None  # AveragedModel's state dict, with train.ema on
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The weights this checkpoint's run scores and exports: the moving average if it keeps one."""
+        return self.model if self.ema is None else ema_weights(self.ema)
+
+
+def ema_weights(averaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The averaged model's own weights from an ``AveragedModel`` state dict (``module.`` keys, less its count)."""
+    return {k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")}
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,7 @@ class Expected:
     epochs: int
     steps_per_epoch: int
     fingerprint: str  # the run's key: a checkpoint made by another run never fits
+    ema: dict[str, torch.Tensor] | None = None  # the fresh AveragedModel's state dict, with train.ema on
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -125,15 +138,18 @@ def save_checkpoint(
     optimizer: dict[str, Any],
     scheduler: dict[str, Any],
     keep: int,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write one checkpoint atomically into the run folder ``run``, then drop all but the newest ``keep``.
 
     The same step saved again (a resumed run finishing, say) replaces the one there.
     """
     final = run / checkpoint_name(state.global_step)
-    with atomic_path(final, folder=True, needs=tensor_bytes((model, best, optimizer))) as tmp:
+    with atomic_path(final, folder=True, needs=tensor_bytes((model, best, optimizer, ema))) as tmp:
         save_file(_cpu(model), str(tmp / "model.safetensors"))
         save_file(_cpu(best), str(tmp / "best.safetensors"))
+        if ema is not None:
+            save_file(_cpu(ema), str(tmp / EMA_FILE))
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(scheduler, tmp / "scheduler.pt")
         save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
@@ -155,6 +171,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         optimizer=torch.load(path / "optimizer.pt", weights_only=True),
         scheduler=torch.load(path / "scheduler.pt", weights_only=True),
         rng=load_file(str(path / "rng.safetensors"))["cpu"],
+        ema=load_file(str(path / EMA_FILE)) if (path / EMA_FILE).exists() else None,
     )
 
 
@@ -204,6 +221,14 @@ def _schedule_misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
     return None
 
 
+def _ema_misfit(got: dict[str, torch.Tensor] | None, want: dict[str, torch.Tensor] | None) -> str | None:
+    if want is None:
+        return None if got is None else "it holds a moving average of the weights, which this run does not keep"
+    if got is None:
+        return "it holds no moving average of the weights (train.ema)"
+    return _weights_misfit("moving average", got, want)
+
+
 def misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
     """Why ``ckpt`` cannot resume the run ``expected`` describes, in a few words; None if it fits."""
     checks: list[Callable[[], str | None]] = [
@@ -212,6 +237,7 @@ def misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
         lambda: _weights_misfit("best weights", ckpt.best, expected.model),
         lambda: _optimizer_misfit(ckpt.optimizer, expected.optimizer, expected.param_shapes),
         lambda: _schedule_misfit(ckpt, expected),
+        lambda: _ema_misfit(ckpt.ema, expected.ema),
     ]
     return next((reason for check in checks if (reason := check()) is not None), None)
 

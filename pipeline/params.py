@@ -102,6 +102,7 @@ class TrainParams:
     translate: int = knob(0, ge=0, le=8, says="0 (off) to 8 pixels")  # random shift by up to N pixels in x and y
     cutout: int = knob(0, ge=0, le=28, says="0 (off) to 28 pixels")  # zero a random N x N square of each image
     label_smoothing: float = knob(0.0, ge=0, lt=1, says="in [0, 1)")  # cross-entropy label smoothing
+    ema: float = knob(0.0, ge=0, lt=1, says="0 (off) or a decay in (0, 1)")  # moving average of the weights, per step
     mixed_precision: Precision = "fp32"  # the launcher may not contradict it
     compile: bool = False  # torch.compile the model (inductor)
     optimizer_impl: Literal["auto", "for_loop", "foreach", "fused"] = "auto"  # AdamW kernels; auto: torch's pick

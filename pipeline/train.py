@@ -45,7 +45,7 @@ from pipeline.params import MIXED_PRECISIONS, TRAIN_SECTIONS, Params, TrainParam
 from pipeline.plots import first_of_each_class, label_grid
 from pipeline.provenance import RunKey, environment, run_key
 from pipeline.runtime import add_common_args, add_path_args, eval_loader, make_accelerator, say, summary_table
-from pipeline.trainer import Trainer, make_optimizer, make_schedule
+from pipeline.trainer import Trainer, make_ema, make_optimizer, make_schedule
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,6 +213,7 @@ def build(accelerator: Accelerator, params: Params, data: Path) -> Parts:
 def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path, fresh: bool, live: bool) -> Trainer:
     """Resume this run's newest fitting checkpoint, or start fresh; prepare; return the trainer."""
     model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
+    ema = make_ema(model, cfg, accelerator.device)
     expected = Expected(
         model=model.state_dict(),
         param_shapes=[p.shape for p in model.parameters()],
@@ -221,6 +222,7 @@ def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path
         epochs=cfg.epochs,
         steps_per_epoch=parts.steps,
         fingerprint=parts.key.fingerprint(),
+        ema=None if ema is None else ema.state_dict(),
     )
     run_dir, ckpt, notes = resume_or_start(accelerator, root, parts.key, expected, fresh, cfg.keep_runs)
     for note in notes:
@@ -230,12 +232,14 @@ def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path
         model.load_state_dict(ckpt.model)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.scheduler)
+        if ema is not None and ckpt.ema is not None:
+            ema.load_state_dict(ckpt.ema)
         torch.set_rng_state(ckpt.rng)
         state, best = ckpt.state, ckpt.best
         say(accelerator, f"resuming from {ckpt.path} (epoch {state.epoch + 1}, step {state.step} of {parts.steps})")
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, eval_loader(parts.val, cfg.eval_batch_size))
     train = parts.train.to(accelerator.device)  # the whole uint8 set lives on the device; batches are index slices
-    return Trainer(accelerator, model, optimizer, scheduler, train, val_loader, cfg, state, best, run_dir, live)
+    return Trainer(accelerator, model, optimizer, scheduler, train, val_loader, cfg, state, best, run_dir, live, ema)
 
 
 def stage_params(params: Params) -> dict[str, Any]:
@@ -279,7 +283,7 @@ def export(trainer: Trainer, parts: Parts, model_dir: Path, keep_state: bool) ->
     final_epoch = state.best_epoch if use_best else cfg.epochs - 1
     final_val = state.best_val if use_best else state.history[-1]["accuracy/val"]
     if accelerator.is_main_process:
-        final = trainer.best if use_best and trainer.best is not None else trainer.weights()
+        final = trainer.best if use_best and trainer.best is not None else trainer.result()
         if trainer.live:
             accelerator.get_tracker("dvclive", unwrap=True).summary.update(
                 {

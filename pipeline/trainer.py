@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -35,6 +36,13 @@ def make_schedule(
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def make_ema(model: nn.Module, cfg: TrainParams, device: torch.device) -> AveragedModel | None:
+    """The moving average of ``model``'s weights and buffers that ``cfg.ema`` asks for (None when 0: off)."""
+    if not cfg.ema:
+        return None
+    return AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
@@ -68,10 +76,13 @@ class Trainer:
         best: dict[str, torch.Tensor] | None,
         run_dir: Path,
         live: bool,
+        ema: AveragedModel | None = None,
     ) -> None:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.train, self.val_loader, self.cfg, self.state, self.run_dir = train, val_loader, cfg, state, run_dir
         self.best = best
+        self.ema = ema  # with train.ema on: updated every step; validated, kept as best and exported
+        self.trained = accelerator.unwrap_model(model, keep_torch_compile=False)  # its parameters, unwrapped
         self.live = live  # whether DVCLive records the rows (else they are only printed)
         self.steps = steps_per_epoch(len(train), cfg.batch_size)
         self.device = accelerator.device
@@ -132,6 +143,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.trained)
         with torch.no_grad():  # the logged loss is plain cross-entropy, as val/loss: no label smoothing
             plain = nn.functional.cross_entropy(logits, labels) if cfg.label_smoothing else loss
             self.sums[LOSS] += plain.double() * len(idx)
@@ -172,7 +185,7 @@ class Trainer:
         train_time = time.perf_counter() - t0
         if not math.isfinite(loss):
             raise DataError(f"training diverged at epoch {epoch + 1} (loss {loss}); lower train.lr")
-        val = predict(accelerator, self.model, self.val_loader)
+        val = predict(accelerator, self.model if self.ema is None else self.ema.module, self.val_loader)
         report = classification_report(confusion_matrix(val.preds, val.labels, len(CLASSES)), CLASSES)
         val_loss = float(val.losses.double().mean())
         local = (self.steps - first_step) * cfg.batch_size  # samples this run trained in this epoch
@@ -212,13 +225,18 @@ class Trainer:
         if val_accuracy > st.best_val:
             st.best_val, st.best_epoch = val_accuracy, st.epoch
             if self.accelerator.is_main_process:
-                self.best = {k: v.detach().cpu().clone() for k, v in self.weights().items()}
+                self.best = {k: v.detach().cpu().clone() for k, v in self.result().items()}
         st.history.append(row)
         st.epoch, st.step = st.epoch + 1, 0
         self.save(fold=False)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
+        """The trained weights (what a resumed run continues from)."""
+        return self.trained.state_dict()
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The weights the run scores and exports: the moving average with train.ema on, else the trained ones."""
+        return self.weights() if self.ema is None else self.ema.module.state_dict()
 
     def save(self, fold: bool = True) -> None:
         """Checkpoint on the main process; every process takes part and waits for it."""
@@ -229,9 +247,10 @@ class Trainer:
                 self.run_dir,
                 self.state,
                 model=self.weights(),
-                best=self.best if self.best is not None else self.weights(),
+                best=self.best if self.best is not None else self.result(),
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
                 keep=self.cfg.keep_checkpoints,
+                ema=None if self.ema is None else self.ema.state_dict(),
             )
         self.accelerator.wait_for_everyone()

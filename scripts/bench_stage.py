@@ -139,7 +139,7 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool, batch: int = 0) 
         curve, train_s = [], 0.0
         for path, row in zip(found, rows, strict=True):
             train_s += steps / row["samples_per_s"]
-            model.load_state_dict(read_checkpoint(path).model)
+            model.load_state_dict(read_checkpoint(path).result())
             curve.append({"train_s": round(train_s, 2), "test_accuracy": accuracy_on(model, test_x, test_y, tta)})
     return {
         "recipe": {"model": params.model.name, **dict(sorted(vars(params.train).items())), "tta": tta},

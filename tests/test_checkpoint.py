@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -72,6 +73,33 @@ def test_round_trip_restores_every_part(tmp_path):
     assert ckpt.scheduler["total_steps"] == EPOCHS * STEPS
     assert ckpt.rng.dtype == torch.uint8
     assert misfit(ckpt, expected()) is None
+
+
+def test_a_moving_average_round_trips_and_must_be_there_exactly_when_the_run_keeps_one(tmp_path):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model, opt, sched = parts()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(3):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        ema.update_parameters(model)
+    path = save_checkpoint(tmp_path, state(3), model.state_dict(), model.state_dict(), opt.state_dict(),
+                           sched.state_dict(), 5, ema=ema.state_dict())  # fmt: skip
+    ckpt = read_checkpoint(path)
+    assert ckpt.ema is not None and ckpt.ema.keys() == ema.state_dict().keys()
+    assert all(torch.equal(ckpt.ema[k], v) for k, v in ema.state_dict().items())
+    assert int(ckpt.ema["n_averaged"]) == 3
+    result = ckpt.result()  # what the run scores and exports: the average, under the model's own names
+    assert result.keys() == model.state_dict().keys() and not torch.equal(result["weight"], model.weight.detach())
+    fresh = AveragedModel(parts()[0], multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True).state_dict()
+    with_ema = dataclasses.replace(expected(), ema=fresh)
+    assert misfit(ckpt, with_ema) is None
+    assert misfit(ckpt, expected()) == "it holds a moving average of the weights, which this run does not keep"
+    plain = read_checkpoint(save(tmp_path / "plain", 3))
+    assert plain.ema is None and plain.result() is plain.model
+    assert misfit(plain, with_ema) == "it holds no moving average of the weights (train.ema)"
 
 
 def test_keep_last_k_counts_by_global_step_across_restarts(tmp_path):

@@ -56,8 +56,9 @@ def raw(workdir) -> Path:
 PARAMS = {
     "data": {"subset": 0, "val_size": 77},  # 323 train samples: ragged tail; 77 val: not divisible by 2 x batch
     # every augmentation on: each is drawn per position of the global order, so shards match
+    # and the moving average of the weights: each process keeps its own, alike
     "train": {"epochs": 2, "batch_size": 40, "lr": 0.003, "seed": 4, "eval_batch_size": 16, "translate": 2,
-              "cutout": 6},
+              "cutout": 6, "ema": 0.9},
     "evaluate": {"batch_size": 16},
 }  # fmt: skip
 

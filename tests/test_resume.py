@@ -204,3 +204,17 @@ def test_a_killed_worker_restarts_with_its_group_and_resumes_bitwise(setup, refe
     ref = reference[2]
     assert (out / "models" / "model.safetensors").read_bytes() == (ref / "models" / "model.safetensors").read_bytes()
     assert metrics(out) == metrics(ref) and curves(out) == curves(ref)
+
+
+def test_a_killed_run_with_a_moving_average_resumes_bitwise(setup, tmp_path):
+    # the average (train.ema) is state too: a resume that restarted it would export other weights
+    root, raw, _ = setup
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(full_params(OVERRIDES, {"train": {"ema": 0.9}})))
+    ref, out = tmp_path / "reference", tmp_path / "killed"
+    run(train_command(ref, params, raw))
+    cmd = train_command(out, params, raw)
+    run_and_kill(cmd, out / "checkpoints", "mid-epoch")
+    assert "resuming from" in run(cmd).stdout
+    assert (out / "models" / "model.safetensors").read_bytes() == (ref / "models" / "model.safetensors").read_bytes()
+    assert metrics(out) == metrics(ref)

@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.checkpoint import list_checkpoints, read_checkpoint
 from pipeline.train import main
 from pipeline.trainer import TRACES
 from tests.conftest import REPO, reset_accelerate_state
@@ -39,6 +41,29 @@ def test_training_writes_artifact_and_one_metrics_row_per_epoch(tmp_path, tiny_r
     for curve in ("accuracy/val.tsv", "loss/train.tsv", "lr.tsv", "samples_per_s.tsv", "epoch_time_s.tsv"):
         assert len((curves / curve).read_text().splitlines()) == 1 + 3, curve  # header + one row per epoch
     assert not TRACES & metrics.keys()  # timings and lr are curves only, so `dvc metrics diff` shows results
+
+
+def test_ema_exports_and_validates_the_average_and_leaves_training_as_it_was(
+    tmp_path, tiny_raw, write_params, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    weights, kept, metrics = {}, {}, {}
+    for ema in (0.0, 0.9):
+        run_train(tmp_path, write_params({"train": {"epochs": 2, "ema": ema}}), "--keep-state", "--fresh")
+        weights[ema] = load_file(str(tmp_path / "models" / "model.safetensors"))
+        ((run,),) = [list((tmp_path / "checkpoints").glob("*/run.json"))]
+        kept[ema] = read_checkpoint(list_checkpoints(run.parent)[-1])
+        metrics[ema] = json.loads((tmp_path / "live" / "metrics.json").read_text())
+        shutil.rmtree(tmp_path / "checkpoints")
+    assert kept[0.0].ema is None and kept[0.9].ema is not None
+    trained, plain = kept[0.9].model, kept[0.0].model
+    assert all(torch.equal(trained[k], plain[k]) for k in plain)  # the average does not touch training
+    average = kept[0.9].result()
+    assert all(torch.equal(weights[0.9][k], average[k]) for k in average)  # the model is the average ...
+    assert not torch.equal(weights[0.9]["classifier.4.weight"], trained["classifier.4.weight"])  # ... not the last
+    assert all(torch.equal(weights[0.0][k], plain[k]) for k in plain)
+    assert metrics[0.9]["loss"]["train"] == metrics[0.0]["loss"]["train"]
+    assert metrics[0.9]["loss"]["val"] != metrics[0.0]["loss"]["val"]  # validated: the average
 
 
 def test_training_learns_the_synthetic_task(tmp_path, tiny_raw, write_params, monkeypatch):
