@@ -122,7 +122,10 @@ def scaling_lines(rows: dict[str, Row]) -> list[str]:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"\n{m['device']} ({m['processor']}, {m['cpus']} CPUs), torch {m['torch']}\n"]
+    threads = ""
+    if "stage_threads" in m:  # older reports lack it
+        threads = f"; threads: seed loop {m['seed_loop_threads']}, stage {m['stage_threads']}"
+    lines = [f"\n{m['device']} ({m['processor']}, {m['cpus']} CPUs), torch {m['torch']}{threads}\n"]
     gpu = m["device"] != "cpu"
     mem = "| peak RSS (MB) |" + (" peak GPU (MB) |" if gpu else "")
     if report["throughput"]:

@@ -45,6 +45,7 @@ import torch
 
 from pipeline.files import write_json
 from pipeline.provenance import cpu_model
+from pipeline.runtime import CPU_THREADS_VAR, cpu_threads_for
 from scripts.bench_report import markdown, merge_rounds, summarise
 from scripts.bench_stage import QUICK, SCALING, profile_data_path, run_option, run_recipe, run_scaling
 from scripts.seed_loop import run_seed
@@ -192,6 +193,9 @@ def machine_info(samples: int) -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "throughput_samples_per_epoch": samples,
+        # threads: the seed loop's (torch's default here) and a 1-process stage's (its share of the cores)
+        "seed_loop_threads": torch.get_num_threads(),
+        "stage_threads": cpu_threads_for(int(os.environ.get(CPU_THREADS_VAR) or 0), os.cpu_count(), 1),
     }
 
 

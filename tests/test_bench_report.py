@@ -43,8 +43,10 @@ def test_throughput_rounds_give_medians_and_ratios_paired_by_round():
     # round 2 hit a slow spell on both sides: paired with its own seed run it is still 3.0x, not 1.5x
     assert row["ratio_vs_seed"] == 3.0 and row["ratio_vs_seed_range"] == [3.0, 3.5]
     assert row["first_epoch_samples_per_s"] == 4000.0 and row["peak_rss_mb"] == 950.0
-    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2", "throughput_samples_per_epoch": 20000}
+    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2", "throughput_samples_per_epoch": 20000,
+               "seed_loop_threads": 2, "stage_threads": 1}  # fmt: skip
     table = markdown({"throughput": rows, "accuracy": {}, "datapath": {}, "machine": machine})
+    assert "cpu (x, 2 CPUs), torch 2; threads: seed loop 2, stage 1" in table
     assert "median of 3 rounds" in table and "| default | 6000 | 3.0 | 3.0-3.5 | 4000 | 950 |" in table
 
 

@@ -68,6 +68,7 @@ def test_quick_benchmark_reports_options_and_recipes_against_the_seed_loop(tmp_p
     assert accuracy["seed"]["to_target"]["0.050"]["ratio_vs_seed"] == 1.0
     for row in report["datapath"].values():
         assert row["data_ms_per_step"] > 0 and 0 < row["data_share"] < 1
+    assert report["machine"]["seed_loop_threads"] >= 1 and report["machine"]["stage_threads"] >= 1
     assert report["machine"]["torch"] and "| bf16-b512 |" in proc.stdout and "| beyond |" in proc.stdout
 
 
