@@ -120,12 +120,15 @@ def scaling_lines(rows: dict[str, Row]) -> list[str]:
     return lines
 
 
+def machine_line(m: dict) -> str:
+    """Where a report was measured: device, CPU model and cores, torch, and the threads (older reports lack them)."""
+    threads = f"; threads: seed loop {m['seed_loop_threads']}, stage {m['stage_threads']}" if "stage_threads" in m else ""
+    return f"{m['device']} ({m['processor']}, {m['cpus']} CPUs), torch {m['torch']}{threads}"
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
-    threads = ""
-    if "stage_threads" in m:  # older reports lack it
-        threads = f"; threads: seed loop {m['seed_loop_threads']}, stage {m['stage_threads']}"
-    lines = [f"\n{m['device']} ({m['processor']}, {m['cpus']} CPUs), torch {m['torch']}{threads}\n"]
+    lines = [f"\n{machine_line(m)}\n"]
     gpu = m["device"] != "cpu"
     mem = "| peak RSS (MB) |" + (" peak GPU (MB) |" if gpu else "")
     if report["throughput"]:
