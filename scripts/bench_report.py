@@ -122,7 +122,9 @@ def scaling_lines(rows: dict[str, Row]) -> list[str]:
 
 def machine_line(m: dict) -> str:
     """Where a report was measured: device, CPU model and cores, torch, and the threads (older reports lack them)."""
-    threads = f"; threads: seed loop {m['seed_loop_threads']}, stage {m['stage_threads']}" if "stage_threads" in m else ""
+    threads = ""
+    if "stage_threads" in m:
+        threads = f"; threads: seed loop {m['seed_loop_threads']}, stage {m['stage_threads']}"
     return f"{m['device']} ({m['processor']}, {m['cpus']} CPUs), torch {m['torch']}{threads}"
 
 
