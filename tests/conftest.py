@@ -29,6 +29,22 @@ TIMING_KEYS = frozenset({"epoch_time_s", "samples_per_s", "peak_gpu_memory_mb"})
 SHARED_SESSION = {"tests/test_dvc_record.py": "dvc-repo", "tests/test_pipeline_e2e.py": "dvc-repo"}
 
 
+# The longest scopes, by measured duration (pytest --durations): handed out first, so that no worker starts one
+# of them while the other runs out of work.
+LONGEST_FIRST = ("dvc-repo", "tests/test_resume.py", "tests/test_benchmark.py", "tests/test_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest scopes first (see :data:`LONGEST_FIRST`); the rest in their usual order. No test depends on order."""
+
+    def rank(item) -> int:
+        file = item.nodeid.split("::", 1)[0]
+        scope = SHARED_SESSION.get(file, file)
+        return LONGEST_FIRST.index(scope) if scope in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 def pytest_xdist_make_scheduler(config, log):
     """Hand each xdist worker whole test files (module fixtures are built once), :data:`SHARED_SESSION` together.
 
