@@ -127,7 +127,7 @@ def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     train = report["params"]["train"]
-    assert train["label_smoothing"] == 0.1 and train["mixed_precision"] == "bf16"  # from recipes/fast.yaml
+    assert train["label_smoothing"] == 0.2 and train["mixed_precision"] == "bf16"  # from recipes/fast.yaml
     assert train["epochs"] == 1  # --set wins over the recipe
     assert [r["seed"] for r in report["runs"]] == [0, 1]
     assert all(0 <= r["test_accuracy"] <= 1 for r in report["runs"])
