@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,7 @@ def run_seed(data: Path, train_samples: int, epochs: int, test_samples: int, tim
             train_s += time.perf_counter() - t0
             if not time_only:
                 curve.append({"train_s": round(train_s, 2), "test_accuracy": accuracy_on(net, test_x, test_y)})
-    out = {"samples": seen, "train_s": round(train_s, 2), "samples_per_s": round(seen / train_s, 1)}
+    out: dict[str, Any] = {"samples": seen, "train_s": round(train_s, 2), "samples_per_s": round(seen / train_s, 1)}
     if not time_only:
         out["samples_per_s"] = round(epochs * n / train_s, 1)
         out["curve"] = curve
