@@ -24,7 +24,7 @@ import yaml
 from pipeline.errors import ParamsError
 from pipeline.files import write_text
 
-ModelName = Literal["tutorial_cnn", "bn_cnn"]  # the models pipeline/model.py builds (its MODELS registry)
+ModelName = Literal["tutorial_cnn", "bn_cnn", "resnet9"]  # the models pipeline/model.py builds (its MODELS registry)
 Precision = Literal["fp32", "bf16", "fp16"]
 TestTimeAugmentation = Literal["none", "flip"]
 MIXED_PRECISIONS: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # -> Accelerate's name

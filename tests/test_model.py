@@ -11,6 +11,8 @@ from pipeline.model import (
     WEIGHTS_FILE,
     BnCNN,
     ModelConfig,
+    Residual,
+    ResNet9,
     TutorialCNN,
     build_model,
     load_artifact,
@@ -44,6 +46,32 @@ def test_bn_cnn_maps_a_batch_to_ten_logits_and_round_trips(tmp_path):
     assert float(loaded.features[1].running_mean.abs().sum()) > 0
     loaded.eval()
     assert torch.equal(loaded(x), model(x))  # running statistics travel with the weights
+
+
+def test_resnet9_maps_a_batch_to_ten_logits_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="resnet9")
+    model = build_model(cfg)
+    assert isinstance(model, ResNet9) and sum(isinstance(m, Residual) for m in model.modules()) == 2
+    assert sum(p.numel() for p in model.parameters()) == 412_666  # the count the README gives
+    model(torch.rand(8, 1, 28, 28)).sum().backward()  # a training-mode batch moves the running statistics
+    model.eval()
+    save_artifact(model, cfg, tmp_path / "m")
+    loaded, loaded_cfg = load_artifact(tmp_path / "m")
+    loaded.eval()
+    x = torch.rand(3, 1, 28, 28)
+    assert loaded_cfg == cfg and loaded(x).shape == (3, 10)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_a_residual_block_adds_its_input_to_its_branch():
+    torch.manual_seed(0)
+    block = Residual(4).eval()
+    x = torch.rand(2, 4, 6, 6)
+    assert torch.equal(block(x), x + block.body(x))
+    torch.nn.init.zeros_(block.body[4].weight)  # the last BatchNorm's scale: the branch now adds zero
+    torch.nn.init.zeros_(block.body[4].bias)
+    assert torch.equal(block(x), x)
 
 
 def test_bn_cnn_trained_with_sync_batchnorm_saves_a_plain_artifact(tmp_path):

@@ -78,7 +78,7 @@ def test_integer_is_accepted_for_a_float_key():
         ({"train": {"lr": 0}}, r"train\.lr must be > 0, got 0"),
         ({"train": {"lr": -0.1}}, r"train\.lr must be > 0"),
         ({"train": {"schedule": "cosine"}}, r"train\.schedule 'cosine' is unknown; allowed: onecycle, constant"),
-        ({"model": {"name": "resnet"}}, r"model\.name 'resnet' is unknown; allowed: tutorial_cnn, bn_cnn"),
+        ({"model": {"name": "resnet"}}, r"model\.name 'resnet' is unknown; allowed: tutorial_cnn, bn_cnn, resnet9"),
         ({"train": {"translate": 9}}, r"train\.translate must be 0 \(off\) to 8 pixels, got 9"),
         ({"train": {"cutout": -1}}, r"train\.cutout must be 0 \(off\) to 28 pixels, got -1"),
         ({"train": {"label_smoothing": 1.0}}, r"train\.label_smoothing must be in \[0, 1\), got 1\.0"),
