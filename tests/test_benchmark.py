@@ -58,7 +58,7 @@ def test_quick_benchmark_reports_options_and_recipes_against_the_seed_loop(tmp_p
     assert speed["bf16-b512"]["samples"] == 512  # whole global batches of the 1,000 samples
     accuracy = report["accuracy"]
     assert set(accuracy) == {"seed", "beyond"}
-    assert accuracy["beyond"]["recipe"]["model"] == "bn_cnn"
+    assert accuracy["beyond"]["recipe"]["model"] == "resnet9"
     for row in accuracy.values():
         assert len(row["curve"]) == 2  # --quick: two epochs, a test accuracy after each
         assert row["curve"][0]["train_s"] < row["curve"][1]["train_s"] == row["train_s"]
