@@ -41,7 +41,23 @@ class ModelConfig:
     std: float = knob(0.3530, gt=0)
 
 
-class TutorialCNN(nn.Module):
+class ImageClassifier(nn.Module):
+    """What every model here is: standardise the input, ``features`` (convolutions), flatten, ``classifier``.
+
+    Subclasses set ``mean``, ``std`` (the input statistics), ``features`` and ``classifier``.
+    """
+
+    mean: float
+    std: float
+    features: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std  # (B, C, H, W) in [0, 1] -> standardised
+        return self.classifier(self.features(x).flatten(1))  # (B, num_classes) logits
+
+
+class TutorialCNN(ImageClassifier):
     """The seed tutorial's CNN, with the flatten size computed instead of hard-coded.
 
     The tutorial wrote ``x.view(-1, 32 * 5 * 5)``, but 28x28 input leaves a 32x2x2 map
@@ -66,18 +82,13 @@ class TutorialCNN(nn.Module):
             nn.Linear(128, cfg.num_classes),
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std  # (B, C, H, W) in [0, 1] -> standardised
-        x = self.features(x)  # (B, 32, 2, 2) for 28x28 input
-        return self.classifier(x.flatten(1))  # (B, num_classes) logits
-
 
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
     """A padded 3x3 convolution, BatchNorm and ReLU: the unit of the BatchNorm models (laid flat into a Sequential)."""
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
-class BnCNN(nn.Module):
+class BnCNN(ImageClassifier):
     """The "beyond" model: a small VGG-style net with BatchNorm, padded 3x3 convolutions and more width.
 
     Three stages (28 -> 14 -> 7 -> 3) of ``width``, ``2 * width``, ``4 * width`` channels, then one
@@ -98,10 +109,6 @@ class BnCNN(nn.Module):
         self.flat_features = flat_size(self.features, cfg.in_channels, cfg.image_size)
         self.classifier = nn.Linear(self.flat_features, cfg.num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        return self.classifier(self.features(x).flatten(1))
-
 
 class Residual(nn.Module):
     """``x + f(x)``, where ``f`` is two :func:`conv_bn` units of ``channels`` channels."""
@@ -114,7 +121,7 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
-class ResNet9(nn.Module):
+class ResNet9(ImageClassifier):
     """A small ResNet: the ResNet-9 of the DAWNBench CIFAR-10 runs (Page, 2018) at a quarter of its width.
 
     A 3x3 stem, then three stages (28 -> 14 -> 7 -> 3) of ``2 * width``, ``4 * width`` and ``8 * width``
@@ -136,10 +143,6 @@ class ResNet9(nn.Module):
             nn.AdaptiveMaxPool2d(1),
         )  # fmt: skip
         self.classifier = nn.Linear(8 * w, cfg.num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        return self.classifier(self.features(x).flatten(1))
 
 
 def flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
