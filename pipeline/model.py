@@ -89,7 +89,7 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class BnCNN(ImageClassifier):
-    """The "beyond" model: a small VGG-style net with BatchNorm, padded 3x3 convolutions and more width.
+    """A small VGG-style net with BatchNorm, padded 3x3 convolutions and more width (the first "beyond" model).
 
     Three stages (28 -> 14 -> 7 -> 3) of ``width``, ``2 * width``, ``4 * width`` channels, then one
     linear layer. About 3x the tutorial CNN's compute per image.
