@@ -34,12 +34,17 @@ SHARED_SESSION = {"tests/test_dvc_record.py": "dvc-repo", "tests/test_pipeline_e
 LONGEST_FIRST = ("dvc-repo", "tests/test_resume.py", "tests/test_benchmark.py", "tests/test_distributed.py")
 
 
+def scope_of(nodeid: str) -> str:
+    """The scope a test runs in on one xdist worker: its file, or its :data:`SHARED_SESSION` group."""
+    file = nodeid.split("::", 1)[0]
+    return SHARED_SESSION.get(file, file)
+
+
 def pytest_collection_modifyitems(config, items):
     """Longest scopes first (see :data:`LONGEST_FIRST`); the rest in their usual order. No test depends on order."""
 
     def rank(item) -> int:
-        file = item.nodeid.split("::", 1)[0]
-        scope = SHARED_SESSION.get(file, file)
+        scope = scope_of(item.nodeid)
         return LONGEST_FIRST.index(scope) if scope in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)
@@ -55,8 +60,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class SharedFixtures(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            file = super()._split_scope(nodeid)
-            return SHARED_SESSION.get(file, file)
+            return scope_of(nodeid)
 
     return SharedFixtures(config, log)
 
