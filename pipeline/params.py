@@ -26,7 +26,7 @@ from pipeline.files import write_text
 
 ModelName = Literal["tutorial_cnn", "bn_cnn", "resnet9"]  # the models pipeline/model.py builds (its MODELS registry)
 Precision = Literal["fp32", "bf16", "fp16"]
-TestTimeAugmentation = Literal["none", "flip"]
+TestTimeAugmentation = Literal["none", "flip", "flip_shift"]
 MIXED_PRECISIONS: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # -> Accelerate's name
 assert tuple(MIXED_PRECISIONS) == typing.get_args(Precision)
 SEED_MAX = 2**32 - 1  # numpy's seeds, which Accelerate's set_seed also sets, are 32-bit
@@ -119,7 +119,7 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = knob(1000, ge=1)  # per process; no effect on results
-    tta: TestTimeAugmentation = "none"  # flip: average the logits of each image and its mirror image
+    tta: TestTimeAugmentation = "none"  # flip: average an image's logits with its mirror's; flip_shift: also 1 px shifts
 
 
 @dataclass(frozen=True)

@@ -158,11 +158,26 @@ def eval_loader(split: Split, batch_size: int) -> DataLoader:
 
 
 def logits_of(model: nn.Module, inputs: torch.Tensor, tta: TestTimeAugmentation = "none") -> torch.Tensor:
-    """``model``'s float32 logits for ``inputs`` (N, C, H, W); ``tta="flip"`` averages them with its mirror's."""
-    logits = model(inputs).float()
-    if tta == "flip":
-        logits = (logits + model(inputs.flip(-1)).float()) / 2
+    """``model``'s float32 logits for ``inputs`` (N, C, H, W) under test-time augmentation ``tta``.
+
+    ``flip`` averages them with the mirror image's; ``flip_shift`` (as airbench does) averages that half and half
+    with the mean of the same for the image moved 1 px up-left and 1 px down-right (zero fill, as in training).
+    """
+    if tta == "none":
+        return model(inputs).float()
+    logits = (model(inputs).float() + model(inputs.flip(-1)).float()) / 2
+    if tta == "flip_shift":
+        moved = [logits_of(model, shifted(inputs, d), "flip") for d in (-1, 1)]
+        logits = (logits + (moved[0] + moved[1]) / 2) / 2
     return logits
+
+
+def shifted(inputs: torch.Tensor, d: int) -> torch.Tensor:
+    """``inputs`` (N, C, H, W) moved by ``d`` pixels down and right (negative: up and left), filled with zeros."""
+    padded = torch.nn.functional.pad(inputs, (abs(d),) * 4)
+    h, w = inputs.shape[-2:]
+    top = abs(d) - d
+    return padded[..., top : top + h, top : top + w]
 
 
 @torch.no_grad()

@@ -134,7 +134,7 @@ def evaluate_on(processes: int, workdir: Path, single: Path, raw: Path, tta: str
     return out
 
 
-@pytest.mark.parametrize("tta", ["none", "flip"])
+@pytest.mark.parametrize("tta", ["none", "flip_shift"])  # flip_shift runs the flip too
 @pytest.mark.parametrize("processes", [2, 3])
 def test_distributed_eval_counts_every_test_sample_exactly_once(workdir, single, raw, processes, tta):
     # 137 test samples, 16 per process per batch: never a multiple of processes x batch

@@ -76,6 +76,33 @@ def test_flip_tta_scores_the_mean_of_an_images_and_its_mirrors_logits(tmp_path, 
     assert "flip test-time augmentation" in capsys.readouterr().out
 
 
+def test_flip_shift_tta_averages_the_flips_of_the_image_and_of_its_one_pixel_shifts(
+    tmp_path, tiny_raw, write_params, capsys
+):
+    torch.manual_seed(0)
+    net = build_model(ModelConfig())
+    with torch.no_grad():
+        net.classifier[-1].weight.mul_(100)
+    artifact = tmp_path / "models"
+    save_artifact(net, ModelConfig(), artifact)
+    run_eval(tmp_path, write_params({"evaluate": {"batch_size": 32, "tta": "flip_shift"}}), artifact)
+    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]
+    model, _ = load_artifact(artifact)
+    test = load_split(tiny_raw, "test")
+    x = test.images.unsqueeze(1).float() / 255
+    up_left = torch.zeros_like(x)
+    up_left[..., :-1, :-1] = x[..., 1:, 1:]
+    down_right = torch.zeros_like(x)
+    down_right[..., 1:, 1:] = x[..., :-1, :-1]
+    with torch.no_grad():
+        flips = [(model(v) + model(v.flip(-1))) / 2 for v in (x, up_left, down_right)]
+    averaged = flips[0] / 2 + (flips[1] + flips[2]) / 4
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(averaged, test.labels).item(), abs=1e-5)
+    assert metrics["loss"] != pytest.approx(torch.nn.functional.cross_entropy(flips[0], test.labels).item(), abs=1e-4)
+    assert metrics["accuracy"] == pytest.approx((averaged.argmax(1) == test.labels).float().mean().item(), abs=1e-6)
+    assert "flip_shift test-time augmentation" in capsys.readouterr().out
+
+
 def test_subset_limits_the_test_set(tmp_path, tiny_raw, write_params, artifact):
     run_eval(tmp_path, write_params({"data": {"subset": 30}}), artifact)
     assert json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]["samples"] == 30
