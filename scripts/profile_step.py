@@ -13,7 +13,8 @@ Three measurements on the same machine, in one process:
    counted by ``torch.utils.flop_counter``) against the rate of a large dense matmul on this
    machine in fp32 and bf16. ``ceiling_samples_per_s`` is what the step would reach if every
    FLOP ran as fast as that matmul. Beside it, the rate each of the CNN's convolutions
-   actually runs at inside the step (forward and backward, from the profiler's per-shape times).
+   actually runs at inside the step (forward and backward, from the profiler's per-shape times);
+   ``--batches 64 256 1024`` repeats that at other batch sizes (the same number of samples each).
 
 This is what bounds the CPU speed-up: see the README's Performance section.
 """
@@ -42,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / "data" / "raw"), help="IDX folder (default: %(default)s)")
     p.add_argument("--steps", type=int, default=60, help="steps profiled per measurement (default: %(default)s)")
+    p.add_argument("--batches", type=int, nargs="*", default=[], help="also the convolution rates at these batches")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args()
 
@@ -161,8 +163,9 @@ def compute_ceiling(seed_samples_per_s: float) -> dict:
     return report
 
 
-def conv_rates(steps: int, batch: int = 128) -> list[dict]:
-    """Time and GFLOP/s of each convolution of the tutorial CNN's fp32 step (channels_last), forward and backward."""
+def conv_rates(steps: int, batch: int = 128) -> dict:
+    """Time and GFLOP/s of each convolution of the tutorial CNN's fp32 step (channels_last), forward and backward,
+    and the whole step's time per sample."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -179,8 +182,10 @@ def conv_rates(steps: int, batch: int = 128) -> list[dict]:
     for _ in range(10):
         step()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        wall = time.perf_counter() - t0
     layers: dict[tuple, dict] = {}
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key == "aten::mkldnn_convolution":
@@ -197,7 +202,7 @@ def conv_rates(steps: int, batch: int = 128) -> list[dict]:
         row = layers.setdefault(tuple(weight), {"layer": f"{c_in}->{c_out} {kh}x{kw} on {h}x{w}"})
         row[f"{kind}_ms"] = round(ms, 3)
         row[f"{kind}_gflops"] = round(2 * macs * passes / (ms / 1e3) / 1e9, 1)
-    return list(layers.values())
+    return {"batch": batch, "step_us_per_sample": round(1e6 * wall / steps / batch, 1), "layers": list(layers.values())}
 
 
 def main() -> int:
@@ -216,6 +221,7 @@ def main() -> int:
         "pipeline_bf16": pipeline_profile(data, args.steps, bf16=True),
         "compute_ceiling": compute_ceiling(1e6 / (seed["data_us_per_sample"] + seed["compute_us_per_sample"])),
         "conv_rates_fp32": conv_rates(args.steps),
+        "conv_rates_fp32_other_batches": [conv_rates(max(5, args.steps * 128 // b), b) for b in args.batches],
     }
     print(json.dumps(report, indent=2))
     if args.out:

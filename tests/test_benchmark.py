@@ -86,7 +86,7 @@ def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
     out = tmp_path / "profile.json"
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.profile_step", "--steps", "4", "--data", str(raw),
-         "--out", str(out)],
+         "--batches", "64", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -103,10 +103,14 @@ def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
     for dtype in ("fp32", "bf16"):
         expected = ceiling[f"matmul_gflops_{dtype}"] * 1e3 / ceiling["mflop_per_sample"]
         assert ceiling[f"ceiling_samples_per_s_{dtype}"] == pytest.approx(expected, rel=1e-3)
-    convs = report["conv_rates_fp32"]
     layers = {"1->16 3x3 on 28x28", "16->16 3x3 on 26x26", "16->32 5x5 on 12x12", "32->32 5x5 on 8x8"}
-    assert {c["layer"] for c in convs} == layers  # the tutorial CNN's four convolutions, each timed both ways
-    assert all(c["forward_gflops"] > 0 and c["backward_gflops"] > 0 for c in convs)
+    by_batch = [report["conv_rates_fp32"], *report["conv_rates_fp32_other_batches"]]
+    assert [rates["batch"] for rates in by_batch] == [128, 64]
+    for rates in by_batch:
+        convs = rates["layers"]
+        assert {c["layer"] for c in convs} == layers  # the tutorial CNN's four convolutions, each timed both ways
+        assert all(c["forward_gflops"] > 0 and c["backward_gflops"] > 0 for c in convs)
+        assert rates["step_us_per_sample"] > 0
 
 
 @pytest.mark.slow
