@@ -119,7 +119,7 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = knob(1000, ge=1)  # per process; no effect on results
-    tta: TestTimeAugmentation = "none"  # flip: average an image's logits with its mirror's; flip_shift: also 1 px shifts
+    tta: TestTimeAugmentation = "none"  # flip: average with the mirror image's logits; flip_shift: also 1 px shifts
 
 
 @dataclass(frozen=True)

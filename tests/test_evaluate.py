@@ -55,52 +55,40 @@ def test_metrics_match_a_direct_computation(tmp_path, tiny_raw, write_params, ar
         assert metrics["per_class"][name] == pytest.approx(expected, abs=1e-6)
 
 
-def test_flip_tta_scores_the_mean_of_an_images_and_its_mirrors_logits(tmp_path, tiny_raw, write_params, capsys):
-    torch.manual_seed(0)
-    net = build_model(ModelConfig())
-    with torch.no_grad():
-        net.classifier[-1].weight.mul_(100)  # confident logits: an image and its mirror score apart
-    artifact = tmp_path / "models"
-    save_artifact(net, ModelConfig(), artifact)
-    run_eval(tmp_path, write_params({"evaluate": {"batch_size": 32, "tta": "flip"}}), artifact)
-    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]
-    model, _ = load_artifact(artifact)
-    test = load_split(tiny_raw, "test")
-    x = test.images.unsqueeze(1).float() / 255
-    with torch.no_grad():
-        plain, mirrored = model(x), model(x.flip(-1))
-    averaged = (plain + mirrored) / 2
-    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(averaged, test.labels).item(), abs=1e-5)
-    assert metrics["loss"] != pytest.approx(torch.nn.functional.cross_entropy(plain, test.labels).item(), abs=1e-4)
-    assert metrics["accuracy"] == pytest.approx((averaged.argmax(1) == test.labels).float().mean().item(), abs=1e-6)
-    assert "flip test-time augmentation" in capsys.readouterr().out
+def mirrored_mean(model, x):
+    return (model(x) + model(x.flip(-1))) / 2
 
 
-def test_flip_shift_tta_averages_the_flips_of_the_image_and_of_its_one_pixel_shifts(
-    tmp_path, tiny_raw, write_params, capsys
-):
-    torch.manual_seed(0)
-    net = build_model(ModelConfig())
-    with torch.no_grad():
-        net.classifier[-1].weight.mul_(100)
-    artifact = tmp_path / "models"
-    save_artifact(net, ModelConfig(), artifact)
-    run_eval(tmp_path, write_params({"evaluate": {"batch_size": 32, "tta": "flip_shift"}}), artifact)
-    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]
-    model, _ = load_artifact(artifact)
-    test = load_split(tiny_raw, "test")
-    x = test.images.unsqueeze(1).float() / 255
-    up_left = torch.zeros_like(x)
+def tta_expectation(model, x, tta):
+    """The logits ``tta`` must score, written out; and those of the next simpler scoring, which must differ."""
+    plain, flipped = model(x), mirrored_mean(model, x)
+    if tta == "flip":
+        return flipped, plain
+    up_left, down_right = torch.zeros_like(x), torch.zeros_like(x)
     up_left[..., :-1, :-1] = x[..., 1:, 1:]
-    down_right = torch.zeros_like(x)
     down_right[..., 1:, 1:] = x[..., :-1, :-1]
+    return flipped / 2 + (mirrored_mean(model, up_left) + mirrored_mean(model, down_right)) / 4, flipped
+
+
+@pytest.mark.parametrize("tta", ["flip", "flip_shift"])
+def test_tta_scores_the_average_logits_of_the_views_it_names(tmp_path, tiny_raw, write_params, capsys, tta):
+    torch.manual_seed(0)
+    net = build_model(ModelConfig())
     with torch.no_grad():
-        flips = [(model(v) + model(v.flip(-1))) / 2 for v in (x, up_left, down_right)]
-    averaged = flips[0] / 2 + (flips[1] + flips[2]) / 4
-    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(averaged, test.labels).item(), abs=1e-5)
-    assert metrics["loss"] != pytest.approx(torch.nn.functional.cross_entropy(flips[0], test.labels).item(), abs=1e-4)
-    assert metrics["accuracy"] == pytest.approx((averaged.argmax(1) == test.labels).float().mean().item(), abs=1e-6)
-    assert "flip_shift test-time augmentation" in capsys.readouterr().out
+        net.classifier[-1].weight.mul_(100)  # confident logits: an image and its mirror or shift score apart
+    artifact = tmp_path / "models"
+    save_artifact(net, ModelConfig(), artifact)
+    run_eval(tmp_path, write_params({"evaluate": {"batch_size": 32, "tta": tta}}), artifact)
+    metrics = json.loads((tmp_path / "metrics" / "test.json").read_text())["test"]
+    model, _ = load_artifact(artifact)
+    test = load_split(tiny_raw, "test")
+    with torch.no_grad():
+        expected, simpler = tta_expectation(model, test.images.unsqueeze(1).float() / 255, tta)
+    loss = torch.nn.functional.cross_entropy
+    assert metrics["loss"] == pytest.approx(loss(expected, test.labels).item(), abs=1e-5)
+    assert metrics["loss"] != pytest.approx(loss(simpler, test.labels).item(), abs=1e-4)
+    assert metrics["accuracy"] == pytest.approx((expected.argmax(1) == test.labels).float().mean().item(), abs=1e-6)
+    assert f"{tta} test-time augmentation" in capsys.readouterr().out
 
 
 def test_subset_limits_the_test_set(tmp_path, tiny_raw, write_params, artifact):
