@@ -101,6 +101,22 @@ def summarise(results: dict[str, dict[str, Row]], targets: list[float]) -> Row:
             "scaling": scaling_ratios(results.get("scaling", {}))}  # fmt: skip
 
 
+def retarget(report: Row, targets: list[float]) -> Row:
+    """A saved report (``--out``'s JSON) summarised again for other ``targets``, from the rows it measured.
+
+    Raises ValueError, saying what is missing, for anything that is not such a report."""
+    need = ("throughput", "accuracy", "datapath", "machine")
+    if not isinstance(report, dict) or not all(isinstance(report.get(k), dict) for k in need):
+        raise ValueError(f"not a benchmark report: it needs the objects {', '.join(need)}")
+    accuracy = {k: r for k, r in report["accuracy"].items() if not k.endswith(" (mean)")}  # summarise remakes these
+    results = {"throughput": report["throughput"], "datapath": report["datapath"], "accuracy": accuracy,
+               "scaling": report.get("scaling") or {}}  # fmt: skip
+    try:
+        return {**summarise(results, targets), "machine": report["machine"]}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a benchmark report: a row lacks {e}") from None
+
+
 def scaling_ratios(rows: dict[str, Row]) -> dict[str, Row]:
     """The scaling rows, each with its rate relative to its reference: one process for the process rows, the
     same model at the default batch (128) for the batch rows."""

@@ -23,7 +23,8 @@ learning rate scaled by the square root of the batch. ``--batches`` adds accurac
 of each recipe at those global batches: what the larger batches cost in accuracy.
 
 Also profiles the device data path (index, flip, translate, cutout, to float) against the measured
-step time. Results go to ``--out`` as JSON and to stdout as Markdown tables (``scripts/bench_report.py``).
+step time. Results go to ``--out`` as JSON and to stdout as Markdown tables (``scripts/bench_report.py``);
+``--report JSON --targets ...`` prints a saved run's tables again for other targets, measuring nothing.
 The jobs that drive the train stage are in ``scripts/bench_stage.py``.
 """
 
@@ -46,7 +47,7 @@ import torch
 from pipeline.files import write_json
 from pipeline.provenance import cpu_model
 from pipeline.runtime import CPU_THREADS_VAR, cpu_threads_for
-from scripts.bench_report import markdown, merge_rounds, summarise
+from scripts.bench_report import markdown, merge_rounds, retarget, summarise
 from scripts.bench_stage import QUICK, SCALING, profile_data_path, run_option, run_recipe, run_scaling
 from scripts.seed_loop import run_seed
 
@@ -133,6 +134,8 @@ def parse_args() -> argparse.Namespace:
         "throughput rows use the first (default: 0)",
     )
     p.add_argument("--out", default=None, help="write results as JSON here")
+    p.add_argument("--report", metavar="JSON", help="measure nothing: print (and with --out write) a saved "
+                   "report again, summarised for --targets")  # fmt: skip
     p.add_argument("--job", type=Job.from_json, help=argparse.SUPPRESS)  # internal: run one job in this process
     return p.parse_args()
 
@@ -199,6 +202,20 @@ def machine_info(samples: int) -> dict:
     }
 
 
+def report_again(path: Path, targets: list[float], out: str | None) -> int:
+    """``--report``: a saved report's tables again, with times to ``targets``; nothing is measured."""
+    try:
+        report = retarget(json.loads(path.read_text()), targets)
+    except (OSError, ValueError) as e:  # json's errors are ValueErrors
+        print(f"error: cannot report {path} again: {e}; pass the JSON a benchmark run wrote with --out",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(markdown(report))
+    if out:
+        write_json(out, report)
+    return 0
+
+
 def main() -> int:
     args = parse_args()
     samples = QUICK["throughput"] if args.quick else args.samples
@@ -206,6 +223,8 @@ def main() -> int:
     if args.job:  # a child process: one measurement
         print(json.dumps(run_job(args.job, data, samples, args.quick)))
         return 0
+    if args.report:
+        return report_again(Path(args.report), args.targets, args.out)
     if not (data / "train-images-idx3-ubyte").is_file():
         print(f"error: no IDX files in {data}; run `dvc repro download`", file=sys.stderr)
         return 1

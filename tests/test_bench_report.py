@@ -1,6 +1,8 @@
 import copy
 
-from scripts.bench_report import markdown, merge_rounds, summarise
+import pytest
+
+from scripts.bench_report import markdown, merge_rounds, retarget, summarise
 
 
 def test_time_to_target_ratios_and_the_seed_loop_that_never_gets_there():
@@ -68,3 +70,27 @@ def test_scaling_rows_relate_to_one_process_and_to_the_models_batch_128():
     table = markdown({**report, "machine": {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}})
     assert "| tutorial_cnn, 2 process(es) × 1 threads | 128 | 0.002 | 4500 | 0.75 |" in table
     assert "| bn_cnn, 1 process(es) × 2 threads | 512 | 0.004 | 3000 | 1.5 |" in table
+
+
+def test_a_saved_report_summarised_again_for_other_targets_equals_a_fresh_summary():
+    seed = {"samples_per_s": 1000.0, "peak_rss_mb": 500.0, "train_s": 300.0,
+            "curve": [{"train_s": 100.0, "test_accuracy": 0.89}, {"train_s": 300.0, "test_accuracy": 0.93}]}
+    runs = {f"beyond/seed{s}": {**seed, "train_s": 40.0, "curve": [{"train_s": 20.0, "test_accuracy": 0.92 + s / 100},
+                                                                  {"train_s": 40.0, "test_accuracy": 0.945}]}
+            for s in (0, 1)}  # fmt: skip
+    results = {"throughput": {}, "accuracy": {"seed": seed, **runs}, "datapath": {}, "scaling": {}}
+    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}
+    saved = {**summarise(results, [0.90]), "machine": machine}
+    again = retarget(copy.deepcopy(saved), [0.90, 0.93])
+    assert again == {**summarise(results, [0.90, 0.93]), "machine": machine}
+    # the mean row is remade from the seed rows, not carried over with its old targets
+    assert again["accuracy"]["beyond (mean)"]["to_target"]["0.930"] == {
+        "train_s": 30.0, "ratio_vs_seed": 10.0, "ratio_is_lower_bound": False}  # fmt: skip
+    assert "to 93.0% (× seed)" in markdown(again)
+
+
+@pytest.mark.parametrize("bad", [[], {"throughput": {}}, {"throughput": {}, "accuracy": {"x": {"train_s": 1.0}},
+                                                          "datapath": {}, "machine": {}}])  # fmt: skip
+def test_what_is_not_a_saved_report_is_refused_with_what_it_lacks(bad):
+    with pytest.raises(ValueError, match="not a benchmark report"):
+        retarget(bad, [0.9])

@@ -72,6 +72,25 @@ def test_quick_benchmark_reports_options_and_recipes_against_the_seed_loop(tmp_p
     assert report["machine"]["torch"] and "| bf16-b512 |" in proc.stdout and "| beyond |" in proc.stdout
 
 
+def test_a_saved_report_prints_again_with_other_targets_without_measuring(tmp_path):
+    curve = [{"train_s": 10.0, "test_accuracy": 0.9}, {"train_s": 20.0, "test_accuracy": 0.95}]
+    row = {"samples_per_s": 100.0, "peak_rss_mb": 1.0, "train_s": 20.0, "curve": curve}
+    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"throughput": {}, "accuracy": {"seed": row}, "datapath": {}, "machine": machine}))
+    out = tmp_path / "again.json"
+    run = [sys.executable, "-m", "scripts.benchmark", "--data", str(tmp_path / "none"), "--report"]
+    proc = subprocess.run([*run, str(saved), "--targets", "0.94", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "| seed | 0.9500 | 20.0 | 100 | 20.0 s (1.0×) |" in proc.stdout
+    assert json.loads(out.read_text())["accuracy"]["seed"]["to_target"]["0.940"]["train_s"] == 20.0
+    (tmp_path / "bad.json").write_text("[]")
+    for bad in ("bad.json", "missing.json"):
+        proc = subprocess.run([*run, str(tmp_path / bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "pass the JSON" in proc.stderr
+
+
 def test_benchmark_without_data_says_what_to_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "--quick", "--data", str(tmp_path)],
