@@ -16,6 +16,21 @@ def time_to(curve: list[Row], target: float) -> float | None:
     return next((p["train_s"] for p in curve if p["test_accuracy"] >= target), None)
 
 
+def samples_to(row: Row, target: float) -> float | None:
+    """Training samples until ``row``'s test accuracy first reaches ``target`` (its epochs are of equal size)."""
+    per_epoch = row["samples_per_s"] * row["train_s"] / len(row["curve"])
+    return next((per_epoch * (k + 1) for k, p in enumerate(row["curve"]) if p["test_accuracy"] >= target), None)
+
+
+def paired_ratio(mine: list[float | None], seed: Row | None, target: float, speed: float | None) -> float | None:
+    """How many times sooner than the seed loop runs reaching ``target`` after ``mine`` samples (their mean) would
+    get there if both trained at the paired throughput ratio ``speed``: the time ratio free of the host's drift."""
+    theirs = samples_to(seed, target) if seed is not None else None
+    if None in mine or not mine or theirs is None or not speed:
+        return None
+    return round(theirs / statistics.fmean(mine) * speed, 1)  # type: ignore[arg-type]
+
+
 def merge_rounds(rounds: dict[str, list[dict]]) -> dict[str, dict]:
     """One row per throughput variant from its rounds: medians, the per-round rates, and ratios to the seed loop.
 
@@ -52,13 +67,21 @@ def _versus_seed(mine: float | None, seed: Row | None, target: float) -> Row:
     return entry
 
 
-def with_targets(row: Row, targets: list[float], seed: Row | None) -> Row:
-    """``row`` plus its final test accuracy and, per target, the time to it and the ratio to the seed loop."""
-    to_target = {f"{t:.3f}": _versus_seed(time_to(row["curve"], t), seed, t) for t in targets}
+def _with_paired(entry: Row, runs: list[Row], seed: Row | None, target: float, speed: float | None) -> Row:
+    """``entry`` plus its :func:`paired_ratio`, when there is one."""
+    ratio = paired_ratio([samples_to(r, target) for r in runs], seed, target, speed)
+    return entry if ratio is None else {**entry, "ratio_at_paired_rate": ratio}
+
+
+def with_targets(row: Row, targets: list[float], seed: Row | None, speed: float | None = None) -> Row:
+    """``row`` plus its final test accuracy and, per target, the time to it and the ratio to the seed loop
+    (and, given the paired throughput ratio ``speed`` of its settings, :func:`paired_ratio`)."""
+    to_target = {f"{t:.3f}": _with_paired(_versus_seed(time_to(row["curve"], t), seed, t), [row], seed, t, speed)
+                 for t in targets}  # fmt: skip
     return {**row, "final_test_accuracy": row["curve"][-1]["test_accuracy"], "to_target": to_target}
 
 
-def seed_means(accuracy: dict[str, Row], seed: Row | None) -> dict[str, Row]:
+def seed_means(accuracy: dict[str, Row], seed: Row | None, speeds: dict[str, float]) -> dict[str, Row]:
     """One ``NAME (mean)`` row per recipe run over several seeds (rows ``NAME/seedS``)."""
     means = {}
     for recipe in dict.fromkeys(k.partition("/seed")[0] for k in accuracy if "/seed" in k):
@@ -67,7 +90,7 @@ def seed_means(accuracy: dict[str, Row], seed: Row | None) -> dict[str, Row]:
         for t in runs[0]["to_target"]:
             times = [r["to_target"][t]["train_s"] for r in runs]
             mean = None if None in times else round(statistics.fmean(times), 2)
-            to_target[t] = _versus_seed(mean, seed, float(t))
+            to_target[t] = _with_paired(_versus_seed(mean, seed, float(t)), runs, seed, float(t), speeds.get(recipe))
         means[f"{recipe} (mean)"] = {
             "seeds": len(runs),
             "final_test_accuracy": round(statistics.fmean(r["final_test_accuracy"] for r in runs), 5),
@@ -90,18 +113,26 @@ def data_share(recipe: str, row: Row, accuracy: dict[str, Row], throughput: dict
     return {**row, "step_ms": round(step_ms, 2), "data_share": round(row["data_ms_per_step"] / step_ms, 4)}
 
 
-def summarise(results: dict[str, dict[str, Row]], targets: list[float]) -> Row:
-    """The report: ratios to the seed loop, times to each target, seed means, and the data path's share of a step."""
+def summarise(
+    results: dict[str, dict[str, Row]], targets: list[float], speed_rows: dict[str, str] | None = None
+) -> Row:
+    """The report: ratios to the seed loop, times to each target, seed means, and the data path's share of a step.
+
+    ``speed_rows`` names, per recipe, the throughput row that trains at its speed; its recipe rows then also
+    get :func:`paired_ratio` (rows at another batch, ``NAME@bB``, do not).
+    """
     seed = results["accuracy"].get("seed")
-    accuracy = {name: with_targets(row, targets, seed) for name, row in results["accuracy"].items()}
-    accuracy.update(seed_means(accuracy, seed))
     throughput = results["throughput"]
+    speeds = {recipe: throughput.get(row, {}).get("ratio_vs_seed") for recipe, row in (speed_rows or {}).items()}
+    accuracy = {name: with_targets(row, targets, seed, speeds.get(name.partition("/seed")[0]))
+                for name, row in results["accuracy"].items()}  # fmt: skip
+    accuracy.update(seed_means(accuracy, seed, speeds))
     datapath = {name: data_share(name, row, accuracy, throughput) for name, row in results["datapath"].items()}
     return {"targets": targets, "throughput": throughput, "accuracy": accuracy, "datapath": datapath,
             "scaling": scaling_ratios(results.get("scaling", {}))}  # fmt: skip
 
 
-def retarget(report: Row, targets: list[float]) -> Row:
+def retarget(report: Row, targets: list[float], speed_rows: dict[str, str] | None = None) -> Row:
     """A saved report (``--out``'s JSON) summarised again for other ``targets``, from the rows it measured.
 
     Raises ValueError, saying what is missing, for anything that is not such a report."""
@@ -112,7 +143,7 @@ def retarget(report: Row, targets: list[float]) -> Row:
     results = {"throughput": report["throughput"], "datapath": report["datapath"], "accuracy": accuracy,
                "scaling": report.get("scaling") or {}}  # fmt: skip
     try:
-        return {**summarise(results, targets), "machine": report["machine"]}
+        return {**summarise(results, targets, speed_rows), "machine": report["machine"]}
     except (KeyError, TypeError) as e:
         raise ValueError(f"not a benchmark report: a row lacks {e}") from None
 
@@ -144,6 +175,16 @@ def machine_line(m: dict) -> str:
     return f"{m['device']} ({m['processor']}, {m['cpus']} CPUs), torch {m['torch']}{threads}"
 
 
+def target_cell(entry: Row) -> str:
+    """One time-to-target cell: the seconds, the ratio to the seed loop and the paired ratio, where there are."""
+    if entry["train_s"] is None:
+        return "not reached"
+    ratio = entry.get("ratio_vs_seed")
+    mark = ">" if entry.get("ratio_is_lower_bound") else ""
+    paired = f", paired {entry['ratio_at_paired_rate']}×" if "ratio_at_paired_rate" in entry else ""
+    return f"{entry['train_s']:.1f} s" + (f" ({mark}{ratio}×{paired})" if ratio else "")
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"\n{machine_line(m)}\n"]
@@ -167,17 +208,14 @@ def markdown(report: dict) -> str:
                   f"| recipe | final test acc | train s | samples/s | {heads} " + mem,
                   "|---|---:|---:|---:|" + "---:|" * (len(report["targets"]) + 1 + gpu)]  # fmt: skip
         for name, r in report["accuracy"].items():
-            cells = []
-            for entry in r["to_target"].values():
-                if entry["train_s"] is None:
-                    cells.append("not reached")
-                else:
-                    ratio = entry.get("ratio_vs_seed")
-                    mark = ">" if entry.get("ratio_is_lower_bound") else ""
-                    cells.append(f"{entry['train_s']:.1f} s" + (f" ({mark}{ratio}×)" if ratio else ""))
+            cells = [target_cell(entry) for entry in r["to_target"].values()]
             lines.append(f"| {name} | {r['final_test_accuracy']:.4f} | {r['train_s']:.1f} | {r['samples_per_s']:.0f}"
                          f" | {' | '.join(cells)} | {r['peak_rss_mb']:.0f} |"
                          + (f" {r.get('peak_gpu_mb', '')} |" if gpu else ""))  # fmt: skip
+        if any("ratio_at_paired_rate" in e for r in report["accuracy"].values() for e in r["to_target"].values()):
+            lines.append("\npaired: the seed loop's training samples to the target over the recipe's, times the "
+                         "throughput rounds' ratio for the recipe's settings (paired by round): free of the host's "
+                         "drift between the rows.")  # fmt: skip
     if report["datapath"]:
         lines += ["\nDevice data path (index + flip + translate + cutout + to float) per global batch:\n",
                   "| recipe | batch | data ms/step | step ms | data share |", "|---|---:|---:|---:|---:|"]  # fmt: skip

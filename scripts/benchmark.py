@@ -16,6 +16,10 @@ not timed): the seed loop for its 10 epochs, then the ``default``, ``fast`` and 
 recipes (``recipes/*.yaml`` on top of params.yaml). Reports the training time until the test
 accuracy first reaches each ``--targets`` value, the final accuracy, and ratios to the seed
 loop (a ``>`` ratio when the seed loop never reached the target: its whole run is the bound).
+These rows run minutes apart, and a shared host's speed drifts between them, so a recipe with a
+throughput row at its settings (:data:`SPEED_ROWS`) also gets a *paired* ratio: the seed loop's
+training samples to the target over the recipe's, times that row's ratio to the seed loop, which
+the rounds pair in time.
 
 **scaling** (same timing as throughput, one round): the default recipe on 1 process and on 2, each
 process with its share of the cores; then samples/s of each model at global batches 64 to 1024, the
@@ -65,6 +69,9 @@ OPTIONS: dict[str, dict] = {
     "cudnn-benchmark": {"cudnn_benchmark": True},  # GPU only
 }
 GPU_ONLY = {"cudnn-benchmark"}
+# the throughput row that trains at each recipe's speed (same model, batch, precision and kernels), for the
+# drift-free "paired" time-to-accuracy ratio; tests/test_benchmark.py checks the settings match
+SPEED_ROWS = {"default": "default", "fast": "bf16"}
 RECIPES = ("default", "fast", "beyond")
 PARTS = ("throughput", "accuracy", "datapath", "scaling")
 Part = Literal["throughput", "accuracy", "datapath", "scaling"]
@@ -205,7 +212,7 @@ def machine_info(samples: int) -> dict:
 def report_again(path: Path, targets: list[float], out: str | None) -> int:
     """``--report``: a saved report's tables again, with times to ``targets``; nothing is measured."""
     try:
-        report = retarget(json.loads(path.read_text()), targets)
+        report = retarget(json.loads(path.read_text()), targets, SPEED_ROWS)
     except (OSError, ValueError) as e:  # json's errors are ValueErrors
         print(f"error: cannot report {path} again: {e}; pass the JSON a benchmark run wrote with --out",
               file=sys.stderr)  # fmt: skip
@@ -244,7 +251,7 @@ def main() -> int:
             results[job.part][job.row] = result
         print(f"{job}: {result}", file=sys.stderr, flush=True)
     results["throughput"] = merge_rounds(rounds)
-    report = {**summarise(results, args.targets), "machine": machine_info(samples)}
+    report = {**summarise(results, args.targets, SPEED_ROWS), "machine": machine_info(samples)}
     print(markdown(report))
     if args.out:
         write_json(args.out, report)

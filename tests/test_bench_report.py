@@ -73,8 +73,12 @@ def test_scaling_rows_relate_to_one_process_and_to_the_models_batch_128():
 
 
 def test_a_saved_report_summarised_again_for_other_targets_equals_a_fresh_summary():
-    seed = {"samples_per_s": 1000.0, "peak_rss_mb": 500.0, "train_s": 300.0,
-            "curve": [{"train_s": 100.0, "test_accuracy": 0.89}, {"train_s": 300.0, "test_accuracy": 0.93}]}
+    seed = {
+        "samples_per_s": 1000.0,
+        "peak_rss_mb": 500.0,
+        "train_s": 300.0,
+        "curve": [{"train_s": 100.0, "test_accuracy": 0.89}, {"train_s": 300.0, "test_accuracy": 0.93}],
+    }
     runs = {f"beyond/seed{s}": {**seed, "train_s": 40.0, "curve": [{"train_s": 20.0, "test_accuracy": 0.92 + s / 100},
                                                                   {"train_s": 40.0, "test_accuracy": 0.945}]}
             for s in (0, 1)}  # fmt: skip
@@ -94,3 +98,27 @@ def test_a_saved_report_summarised_again_for_other_targets_equals_a_fresh_summar
 def test_what_is_not_a_saved_report_is_refused_with_what_it_lacks(bad):
     with pytest.raises(ValueError, match="not a benchmark report"):
         retarget(bad, [0.9])
+
+
+def test_the_paired_ratio_is_the_seed_loops_samples_over_the_recipes_times_the_rounds_speed_ratio():
+    # the seed loop: 2 epochs of 100,000 samples at 1,000/s, at 90% after its second. The fast rows ran at a
+    # quick moment of the host (10,000/s), while the paired rounds measured fast's settings at 4x the seed loop
+    def row(rate: float, epoch_s: float, accuracies: list[float]) -> dict:
+        curve = [{"train_s": epoch_s * (k + 1), "test_accuracy": a} for k, a in enumerate(accuracies)]
+        return {"samples_per_s": rate, "train_s": curve[-1]["train_s"], "peak_rss_mb": 1.0, "curve": curve}
+
+    seed = row(1000.0, 100.0, [0.85, 0.90])
+    first, second = row(10_000.0, 5.0, [0.90, 0.91]), row(10_000.0, 5.0, [0.89, 0.90])  # 50,000 / 100,000 samples
+    accuracy = {"seed": seed, "fast/seed0": first, "fast/seed1": second, "fast@b512/seed0": first}
+    results = {"throughput": {"bf16": {"ratio_vs_seed": 4.0}}, "accuracy": accuracy, "datapath": {}}
+    rows = summarise(results, [0.90], {"fast": "bf16"})["accuracy"]
+    assert rows["fast/seed0"]["to_target"]["0.900"] == {
+        "train_s": 5.0, "ratio_vs_seed": 40.0, "ratio_is_lower_bound": False, "ratio_at_paired_rate": 16.0}  # fmt: skip
+    assert rows["fast/seed1"]["to_target"]["0.900"]["ratio_at_paired_rate"] == 8.0
+    assert rows["fast (mean)"]["to_target"]["0.900"]["ratio_at_paired_rate"] == 10.7  # 200,000 / 75,000 x 4
+    # no throughput row at its settings: the seed loop itself, and a recipe at another batch
+    assert "ratio_at_paired_rate" not in rows["seed"]["to_target"]["0.900"]
+    assert "ratio_at_paired_rate" not in rows["fast@b512/seed0"]["to_target"]["0.900"]
+    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}
+    table = markdown({**summarise(results, [0.90], {"fast": "bf16"}), "machine": machine})
+    assert "| fast/seed0 | 0.9100 | 10.0 | 10000 | 5.0 s (40.0×, paired 16.0×) |" in table and "\npaired: " in table

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
+from pipeline.params import with_changes
 from scripts.bench_stage import at_batch, recipe_params
-from scripts.benchmark import OPTIONS, RECIPES, Job, plan
+from scripts.benchmark import OPTIONS, RECIPES, SPEED_ROWS, Job, plan
 from tests.conftest import REPO, write_raw
 
 
@@ -70,6 +71,15 @@ def test_quick_benchmark_reports_options_and_recipes_against_the_seed_loop(tmp_p
         assert row["data_ms_per_step"] > 0 and 0 < row["data_share"] < 1
     assert report["machine"]["seed_loop_threads"] >= 1 and report["machine"]["stage_threads"] >= 1
     assert report["machine"]["torch"] and "| bf16-b512 |" in proc.stdout and "| beyond |" in proc.stdout
+
+
+@pytest.mark.parametrize(("recipe", "row"), SPEED_ROWS.items())
+def test_each_recipes_speed_row_trains_at_the_recipes_speed_settings(recipe, row):
+    def speed(p):  # what sets the step's speed; lr, smoothing and the like do not
+        t = p.train
+        return p.model.name, t.batch_size, t.mixed_precision, t.channels_last, t.compile, t.optimizer_impl, t.hflip
+
+    assert speed(recipe_params(recipe)) == speed(with_changes(recipe_params("default"), {"train": OPTIONS[row]}))
 
 
 def test_a_saved_report_prints_again_with_other_targets_without_measuring(tmp_path):
