@@ -110,7 +110,11 @@ def test_the_paired_ratio_is_the_seed_loops_samples_over_the_recipes_times_the_r
     seed = row(1000.0, 100.0, [0.85, 0.90])
     first, second = row(10_000.0, 5.0, [0.90, 0.91]), row(10_000.0, 5.0, [0.89, 0.90])  # 50,000 / 100,000 samples
     accuracy = {"seed": seed, "fast/seed0": first, "fast/seed1": second, "fast@b512/seed0": first}
-    results = {"throughput": {"bf16": {"ratio_vs_seed": 4.0}}, "accuracy": accuracy, "datapath": {}}
+    rounds = {
+        "seed": [{"samples_per_s": 1000.0, "peak_rss_mb": 1.0}],
+        "bf16": [{"samples_per_s": 4000.0, "peak_rss_mb": 1.0}],
+    }
+    results = {"throughput": merge_rounds(rounds), "accuracy": accuracy, "datapath": {}}
     rows = summarise(results, [0.90], {"fast": "bf16"})["accuracy"]
     assert rows["fast/seed0"]["to_target"]["0.900"] == {
         "train_s": 5.0, "ratio_vs_seed": 40.0, "ratio_is_lower_bound": False, "ratio_at_paired_rate": 16.0}  # fmt: skip
@@ -119,6 +123,6 @@ def test_the_paired_ratio_is_the_seed_loops_samples_over_the_recipes_times_the_r
     # no throughput row at its settings: the seed loop itself, and a recipe at another batch
     assert "ratio_at_paired_rate" not in rows["seed"]["to_target"]["0.900"]
     assert "ratio_at_paired_rate" not in rows["fast@b512/seed0"]["to_target"]["0.900"]
-    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2"}
+    machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2", "throughput_samples_per_epoch": 100}
     table = markdown({**summarise(results, [0.90], {"fast": "bf16"}), "machine": machine})
     assert "| fast/seed0 | 0.9100 | 10.0 | 10000 | 5.0 s (40.0×, paired 16.0×) |" in table and "\npaired: " in table
