@@ -81,7 +81,7 @@ def with_targets(row: Row, targets: list[float], seed: Row | None, speed: float 
     return {**row, "final_test_accuracy": row["curve"][-1]["test_accuracy"], "to_target": to_target}
 
 
-def seed_means(accuracy: dict[str, Row], seed: Row | None, speeds: dict[str, float]) -> dict[str, Row]:
+def seed_means(accuracy: dict[str, Row], seed: Row | None, speeds: dict[str, float | None]) -> dict[str, Row]:
     """One ``NAME (mean)`` row per recipe run over several seeds (rows ``NAME/seedS``)."""
     means = {}
     for recipe in dict.fromkeys(k.partition("/seed")[0] for k in accuracy if "/seed" in k):
