@@ -26,9 +26,10 @@ def paired_ratio(mine: list[float | None], seed: Row | None, target: float, spee
     """How many times sooner than the seed loop runs reaching ``target`` after ``mine`` samples (their mean) would
     get there if both trained at the paired throughput ratio ``speed``: the time ratio free of the host's drift."""
     theirs = samples_to(seed, target) if seed is not None else None
-    if None in mine or not mine or theirs is None or not speed:
-        return None
-    return round(theirs / statistics.fmean(mine) * speed, 1)  # type: ignore[arg-type]
+    known = [m for m in mine if m is not None]
+    if not known or len(known) < len(mine) or theirs is None or not speed:
+        return None  # a run that never got there, no seed-loop figure, or no throughput row to pair with
+    return round(theirs / statistics.fmean(known) * speed, 1)
 
 
 def merge_rounds(rounds: dict[str, list[dict]]) -> dict[str, dict]:
