@@ -43,7 +43,7 @@ def test_a_recipe_passed_as_params_is_refused_with_the_exp_run_line_to_use():
     message = str(info.value)
     assert "recipes/fast.yaml lacks data.subset, data.val_size, data.split_seed, download.sources and" in message
     assert message.endswith(
-        "lay them over params.yaml: dvc exp run -n fast -S train.epochs=4 -S train.lr=0.005 "
+        "lay them over params.yaml: dvc exp run -n fast -S train.epochs=5 -S train.lr=0.005 "
         "-S train.label_smoothing=0.2 -S train.mixed_precision=bf16 -S evaluate.tta=flip"
     )
     assert "\n" not in message
