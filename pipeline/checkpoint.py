@@ -202,7 +202,8 @@ def _position_misfit(st: TrainState, expected: Expected) -> str | None:
     steps = expected.steps_per_epoch
     if st.fingerprint != expected.fingerprint:
         return f"it was made by another run ({st.fingerprint})"
-    if not (0 <= st.epoch < expected.epochs and 0 <= st.step < steps and st.global_step == st.epoch * steps + st.step):
+    inside = 0 <= st.epoch < expected.epochs or (st.epoch == expected.epochs and st.step == 0)  # or at the end
+    if not (inside and 0 <= st.step < steps and st.global_step == st.epoch * steps + st.step):
         return f"its position (epoch {st.epoch}, step {st.step}, global step {st.global_step}) is out of range"
     if len(st.history) != st.epoch or not st.sums.finite():
         return "its history or running sums do not match its position"
@@ -262,25 +263,12 @@ def latest_checkpoint(run: Path, fits: Callable[[Checkpoint], str | None]) -> tu
     return None, notes
 
 
-def _finished_epoch(path: Path) -> int | None:
-    try:
-        return int(json.loads((path / "state.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def resumable(run: Path, expected: Expected) -> tuple[Checkpoint | None, list[str]]:
     """The checkpoint that resumes this run, if any, and one line for each thing passed over.
 
-    A finished run is never reused: when the newest checkpoint is the end of training, the run's
-    checkpoints are removed and training starts from scratch.
+    The end of a finished run resumes too: its model was not written (a full disk, a kill during the export),
+    so the run exports it without training again.
     """
-    found = list_checkpoints(run)
-    epoch = _finished_epoch(found[-1]) if found else None
-    if epoch is not None and epoch >= expected.epochs:
-        for path in found:
-            shutil.rmtree(path, ignore_errors=True)
-        return None, [f"{found[-1]} is the end of a finished run, which is never reused: training from scratch"]
     return latest_checkpoint(run, lambda ckpt: misfit(ckpt, expected))
 
 

@@ -236,10 +236,17 @@ def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path
             ema.load_state_dict(ckpt.ema)
         torch.set_rng_state(ckpt.rng)
         state, best = ckpt.state, ckpt.best
-        say(accelerator, f"resuming from {ckpt.path} (epoch {state.epoch + 1}, step {state.step} of {parts.steps})")
+        say(accelerator, resume_line(ckpt.path, state, parts.steps, cfg.epochs))
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, eval_loader(parts.val, cfg.eval_batch_size))
     train = parts.train.to(accelerator.device)  # the whole uint8 set lives on the device; batches are index slices
     return Trainer(accelerator, model, optimizer, scheduler, train, val_loader, cfg, state, best, run_dir, live, ema)
+
+
+def resume_line(path: Path, state: TrainState, steps: int, epochs: int) -> str:
+    """What a resumed run says: where it goes on from, or that its training is done and only the export is left."""
+    if state.epoch == epochs:
+        return f"{path} is the end of this run's training, whose model was not written: exporting it, no training left"
+    return f"resuming from {path} (epoch {state.epoch + 1}, step {state.step} of {steps})"
 
 
 def stage_params(params: Params) -> dict[str, Any]:
@@ -300,7 +307,7 @@ def export(trainer: Trainer, parts: Parts, model_dir: Path, keep_state: bool) ->
         provenance.update(environment(accelerator.device, accelerator.mixed_precision))
         extra = {"final_model": cfg.final_model, "epoch": final_epoch + 1, "val_accuracy": final_val}
         save_artifact(out, parts.model_cfg, model_dir, extra={**extra, "provenance": provenance})
-        if not keep_state:  # the model is written: a finished run is never resumed, so its state goes
+        if not keep_state:  # the model is written, so the run's state is no longer needed
             remove_run(trainer.run_dir)
     accelerator.end_training()
     return final_epoch, final_val

@@ -142,6 +142,26 @@ def _fresh_accelerate_state():
     reset_accelerate_state()
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a size-limited filesystem (tmpfs) under ``tmp_path``: ``tmpfs("1m")`` returns its folder."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        disk = tmp_path / f"disk-{len(mounted)}"
+        disk.mkdir()
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
+        ).returncode:
+            pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+        mounted.append(disk)
+        return disk
+
+    yield mount
+    for disk in mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -184,6 +184,7 @@ def _schedule_position(path):
         (_optimizer_of_another_shape, "its optimizer exp_avg of parameter 0 is (4, 4), not (2, 3)"),
         (_position(step=STEPS), "its position (epoch 0, step 10, global step 8) is out of range"),
         (_position(epoch=-1), "its position (epoch -1, step 8, global step 8) is out of range"),
+        (_position(epoch=EPOCHS, global_step=EPOCHS * STEPS + 8), "its position (epoch 3, step 8, global step 38) is"),
         (_position(global_step=3), "its position (epoch 0, step 8, global step 3) is out of range"),
         (_position(sums={"loss": 1.0, "correct": math.nan, "samples": 2.0}), "its history or running sums do not"),
         (_rng, "its RNG state is not a torch CPU generator state"),
@@ -195,6 +196,7 @@ def _schedule_position(path):
         "optimizer-shape",
         "step-range",
         "epoch-range",
+        "past-the-end",
         "global-step",
         "sums",
         "rng",
@@ -226,13 +228,12 @@ def test_pickled_objects_are_not_loaded(tmp_path):
     assert ckpt is None and "unreadable" in notes[0]  # weights_only=True refuses a pickled module
 
 
-def test_a_finished_run_is_never_resumed(tmp_path):
+def test_the_end_of_a_finished_run_resumes_so_that_its_model_is_exported_without_training(tmp_path):
     save(tmp_path, 20)
     save(tmp_path, EPOCHS * STEPS)  # the end of the last epoch
     ckpt, notes = resumable(tmp_path, expected())
-    assert ckpt is None and list_checkpoints(tmp_path) == []
-    assert notes == [f"{tmp_path / 'step-00000030'} is the end of a finished run, which is never reused: "
-                     "training from scratch"]  # fmt: skip
+    assert ckpt is not None and notes == []
+    assert (ckpt.state.epoch, ckpt.state.step, ckpt.path.name) == (EPOCHS, 0, "step-00000030")
 
 
 def test_no_checkpoints_means_a_fresh_start_without_notes(tmp_path):

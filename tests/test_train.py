@@ -280,16 +280,43 @@ def test_a_finished_run_leaves_no_state_and_a_rerun_trains_again(tmp_path, tiny_
     assert (tmp_path / "models" / "model.safetensors").read_bytes() == first  # trained again, same seed
 
 
-def test_a_kept_finished_run_is_not_reused(tmp_path, tiny_raw, write_params, monkeypatch, capsys):
+def test_a_kept_finished_run_exports_again_without_training(tmp_path, tiny_raw, write_params, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     params = write_params()
     run_train(tmp_path, params, "--keep-state")
+    first = (tmp_path / "models" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "models")
     capsys.readouterr()
     reset_accelerate_state()
     run_train(tmp_path, params)
     out = capsys.readouterr().out
-    assert "is the end of a finished run, which is never reused: training from scratch" in out
-    assert "epoch 1/2" in out
+    assert "is the end of this run's training, whose model was not written: exporting it, no training left" in out
+    assert "epoch 1/2" not in out and (tmp_path / "models" / "model.safetensors").read_bytes() == first
+
+
+def test_a_model_that_does_not_fit_on_disk_is_exported_by_the_rerun_without_training(
+    tmp_path, tiny_raw, write_params, monkeypatch, tmpfs, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    params = write_params()
+    run_train(tmp_path, params, "--keep-state")  # the reference: the same run, uninterrupted
+    reference = {p.name: p.read_bytes() for p in [*(tmp_path / "models").iterdir(), tmp_path / "live" / "metrics.json"]}
+    shutil.rmtree(tmp_path / "checkpoints")
+    full = tmpfs("100k")  # the model's 430 kB do not fit
+    reset_accelerate_state()
+    cmd = ["--params", str(params), "--data", str(tiny_raw), "--live-dir", str(tmp_path / "live")]
+    with pytest.raises(SystemExit) as failed:
+        main([*cmd, "--model-dir", str(full / "models"), "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    assert failed.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: no space left on device writing {full}/models (it needs about 0.4 MiB")
+    assert err.endswith("free space there and run again (what was there is kept)") and "\n" not in err
+    reset_accelerate_state()
+    main([*cmd, "--model-dir", str(tmp_path / "models"), "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    out = capsys.readouterr().out
+    assert "exporting it, no training left" in out and "epoch 1/2" not in out
+    got = {p.name: p.read_bytes() for p in [*(tmp_path / "models").iterdir(), tmp_path / "live" / "metrics.json"]}
+    assert got == reference
 
 
 def test_a_second_trainer_on_the_same_checkpoint_folder_is_refused(tmp_path, tiny_raw, write_params, monkeypatch):
