@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,6 +18,10 @@ F = TypeVar("F", bound=Callable[..., int | None])
 # and the launcher's pid (a process whose parent is no longer that launcher prints its line itself).
 ERROR_DIR_VAR = "PIPELINE_ERROR_DIR"
 LAUNCHER_PID_VAR = "PIPELINE_LAUNCHER_PID"
+DVC_STAGE_VAR = "DVC_STAGE"  # set by DVC in every stage command it runs
+# DVC removes a stage's outputs before its command runs; every output is cached (dvc.yaml), and dvc.lock keeps the
+# hashes of the last run that succeeded, so this brings that run's outputs back, byte for byte
+RESTORE = "`dvc checkout --force` brings back the last good run's outputs"
 
 
 class PipelineError(Exception):
@@ -84,13 +89,35 @@ def cli(main: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# a URL's userinfo: everything between its scheme and the last "@" before the path (a password may hold "@")
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^/\s?#]*)@")
+
+
+def redact(text: str) -> str:
+    """``text`` fit to print: each URL's password as ``***`` (``http://user:***@host/``), a lone user (a token) too."""
+
+    def hide(m: re.Match[str]) -> str:
+        user, colon, _ = m[2].partition(":")
+        return f"{m[1]}{user + ':***' if colon else '***'}@"
+
+    return _USERINFO.sub(hide, text)
+
+
+def with_restore_hint(message: str, env: Mapping[str, str] | None = None) -> str:
+    """``message``, and under DVC how the outputs that DVC removed before the failed command come back."""
+    env = os.environ if env is None else env
+    return f"{message}; {RESTORE}" if env.get(DVC_STAGE_VAR) and RESTORE not in message else message
+
+
 def report(message: str, code: int, consequence: bool = False) -> int:
-    """Say ``error: message`` once; return ``code``.
+    """Say ``error: message`` once, passwords hidden; return ``code``. Under DVC it says how the last good outputs
+    come back.
 
     Under pipeline.launch the line goes to the launcher, which prints one line for the whole group
     (every process of a group usually fails alike, and a ``consequence`` of another's failure is left out
     when that one told its cause); anywhere else, or once that launcher is gone, to stderr.
     """
+    message = redact(with_restore_hint(message))
     folder, launcher = os.environ.get(ERROR_DIR_VAR), os.environ.get(LAUNCHER_PID_VAR)
     if folder and launcher == str(os.getppid()):
         entry = {"message": message, "code": code, "consequence": consequence, "time": time.time(),

@@ -37,7 +37,7 @@ from types import FrameType
 
 import psutil
 
-from pipeline.errors import ERROR_DIR_VAR, LAUNCHER_PID_VAR
+from pipeline.errors import ERROR_DIR_VAR, LAUNCHER_PID_VAR, with_restore_hint
 
 # options a dvc.yaml command cannot take from the user, taken from the environment when not given:
 # the accelerate config, and torchrun's own variable for --max-restarts (restarts of a group that lost a worker)
@@ -112,8 +112,11 @@ def ended(how: int, who: str, when: float) -> Failure:
     """
     if how < 0:
         line = f"{who} was killed by {signal.Signals(-how).name}; run it again to resume from the newest checkpoint"
-        return Failure(line, 128 - how, when, told=False, consequence=-how in (signal.SIGTERM, signal.SIGINT))
-    return Failure(f"{who} exited with status {how} (its output above says why)", how, when, told=False)
+        return Failure(
+            with_restore_hint(line), 128 - how, when, told=False, consequence=-how in (signal.SIGTERM, signal.SIGINT)
+        )
+    line = f"{who} exited with status {how} (its output above says why)"
+    return Failure(with_restore_hint(line), how, when, told=False)
 
 
 def launch(args: object) -> dict[int, Failure]:

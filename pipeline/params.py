@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import shlex
 import typing
@@ -21,7 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from pipeline.errors import ParamsError
+from pipeline.errors import DVC_STAGE_VAR, ParamsError
 from pipeline.files import write_text
 
 ModelName = Literal["tutorial_cnn", "bn_cnn", "resnet9"]  # the models pipeline/model.py builds (its MODELS registry)
@@ -310,13 +311,23 @@ def load_params(path: str | Path = "params.yaml", *layers: dict[str, Any]) -> Pa
     """Read and validate ``path``, which must set every key: nothing is filled in from code defaults.
 
     Each of ``layers`` ({section: {key: value}}, a recipe's shape) is laid over it in turn, and the
-    result is checked as a whole.
+    result is checked as a whole. Under DVC, an error also names the values the last good run had.
 
     Raises:
         ParamsError: the file is missing, is not YAML, lacks a key, or holds a bad key or value.
     """
     path = Path(path)
     raw = read_yaml(path)
+    try:
+        params = _complete(raw, path)
+        for layer in layers:
+            params = with_changes(params, layer)
+    except ParamsError as e:
+        raise ParamsError(f"{e}{last_good_hint(raw, bool(os.environ.get(DVC_STAGE_VAR)))}") from None
+    return params
+
+
+def _complete(raw: Any, path: Path) -> Params:
     params = parse_params(raw)
     missing = missing_keys(raw)
     if missing:
@@ -329,9 +340,40 @@ def load_params(path: str | Path = "params.yaml", *layers: dict[str, Any]) -> Pa
         raise ParamsError(
             f"{path} lacks {shown}: a params file must set every key, so that it alone records the run{hint}"
         )
-    for layer in layers:
-        params = with_changes(params, layer)
     return params
+
+
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys (``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``); lists as tuples."""
+    if not isinstance(tree, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def last_good_hint(raw: Any, under_dvc: bool, lock: Path = Path("dvc.lock")) -> str:
+    """Under DVC, what params.yaml must get back to be the last good run's, as dvc.lock records it (each stage
+    the params it read): ``; the last good run (dvc.lock) had train.lr=0.002 ...``; "" elsewhere or when equal.
+    """
+    if not under_dvc:
+        return ""
+    try:
+        stages = yaml.safe_load(lock.read_text())["stages"].values()
+        good = {k: v for stage in stages for k, v in flat(stage.get("params", {}).get("params.yaml")).items()}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return ""
+    now = flat(raw)
+    changed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in good.items() if now.get(k) != v]
+    if not changed:
+        return ""
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return f"; the last good run (dvc.lock) had {shown}: set it back in params.yaml"
 
 
 def with_changes(params: Params, layer: dict[str, Any]) -> Params:

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import child_env, copy_repo, model_md5, sh
+from tests.conftest import child_env, copy_repo, model_md5, set_params, sh
 
 pytestmark = pytest.mark.slow
 
@@ -166,6 +166,51 @@ def test_a_fresh_clone_and_dvc_pull_from_a_remote_is_up_to_date_and_serves_each_
     sh(tmp_path, "dvc", "artifacts", "get", str(bare), "fashion-cnn", "--rev", "v1.0.0", "-o", str(got))
     for name in ("model.safetensors", "model.json"):
         assert (got / name).read_bytes() == (repo / "models" / name).read_bytes()  # the tagged commit's model
+
+
+OUTPUTS = ("models", "dvclive/train", "eval", "metrics")  # every output of train and evaluate
+
+
+def outputs(repo: Path) -> dict[str, bytes]:
+    """Every file of the train and evaluate outputs, by path (DVC's .gitignore files left out)."""
+    files = [p for folder in OUTPUTS for p in sorted((repo / folder).rglob("*")) if p.is_file()]
+    return {str(p.relative_to(repo)): p.read_bytes() for p in files if p.name != ".gitignore"}
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ("train.lr=-1", "error: train.lr must be > 0, got -1.0; the last good run (dvc.lock) had train.lr=0.004: set "
+                        "it back in params.yaml; `dvc checkout --force` brings back the last good run's outputs"),
+        ("train.lr=1e30", "error: training diverged at epoch 1, step 25 (loss "),
+    ],
+    ids=["bad-param", "divergence"],
+)  # fmt: skip
+def test_a_failed_exp_run_after_an_uncommitted_good_run_loses_nothing_that_dvc_checkout_cannot_restore(repo, bad, says):
+    set_params(repo, {"train": {"lr": 0.004}})
+    sh(repo, "dvc", "repro")  # a good run, never committed
+    good = outputs(repo)
+    proc = sh(repo, "dvc", "exp", "run", "-S", bad, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(says), errors
+    assert errors[0].endswith("; `dvc checkout --force` brings back the last good run's outputs")
+    sh(repo, "dvc", "checkout", "--force")  # --force: a run that failed mid-training left its first files
+    assert outputs(repo) == good
+
+
+def test_going_back_to_params_already_run_restores_from_the_run_cache_without_training(repo):
+    baseline = outputs(repo)
+    set_params(repo, {"train": {"lr": 0.004}})
+    sh(repo, "dvc", "repro")
+    other = outputs(repo)
+    sh(repo, "git", "checkout", "params.yaml")
+    back = sh(repo, "dvc", "repro").stdout
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in back and "Running stage" not in back
+    assert outputs(repo) == baseline
+    again = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.004").stdout
+    assert "Stage 'train' is cached - skipping run" in again and "Running stage" not in again
+    assert outputs(repo) == other
 
 
 def test_a_launcher_precision_that_params_do_not_record_is_refused(repo, tmp_path):

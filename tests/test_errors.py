@@ -7,7 +7,18 @@ import os
 
 import pytest
 
-from pipeline.errors import ERROR_DIR_VAR, LAUNCHER_PID_VAR, PipelineError, Stopped, cli, peer_lost, report
+from pipeline.errors import (
+    DVC_STAGE_VAR,
+    ERROR_DIR_VAR,
+    LAUNCHER_PID_VAR,
+    RESTORE,
+    PipelineError,
+    Stopped,
+    cli,
+    peer_lost,
+    report,
+    with_restore_hint,
+)
 
 
 def test_a_pipeline_error_is_one_line_and_exit_2_and_a_stop_exit_143(capsys):
@@ -50,3 +61,29 @@ def test_under_the_launcher_the_line_goes_to_it_and_elsewhere_to_stderr(tmp_path
     monkeypatch.setenv(LAUNCHER_PID_VAR, "1")  # the launcher is gone: this process has another parent now
     report("stopped", 143, consequence=True)
     assert capsys.readouterr().err == "error: stopped\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("from http://reader:s3cr:t@x@127.0.0.1:8/raw/", "from http://reader:***@127.0.0.1:8/raw/"),
+        ("got 'https://TOKEN@host/a'", "got 'https://***@host/a'"),
+        ("http://host/a@b and mail@example.com", "http://host/a@b and mail@example.com"),
+    ],
+    ids=["password-with-at-signs", "token", "no-credentials"],
+)
+def test_a_url_password_is_hidden_in_every_error_line(text, shown, capsys):
+    @cli
+    def fails() -> int:
+        raise PipelineError(f"download.sources must be a list, {text}")
+
+    with pytest.raises(SystemExit):
+        fails()
+    assert capsys.readouterr().err == f"error: download.sources must be a list, {shown}\n"
+
+
+def test_under_dvc_every_line_says_how_the_last_good_outputs_come_back(monkeypatch, capsys):
+    monkeypatch.setenv(DVC_STAGE_VAR, "train")
+    report("training diverged; lower train.lr", 2)
+    assert capsys.readouterr().err == f"error: training diverged; lower train.lr; {RESTORE}\n"
+    assert with_restore_hint("x", env={}) == "x"

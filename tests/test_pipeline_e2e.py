@@ -206,16 +206,6 @@ def test_the_sbatch_script_drives_dvc_repro_with_the_train_stage_on_two_loopback
     assert proc.stderr.count("error") == 0, proc.stderr
 
 
-def test_bad_param_fails_the_stage_with_one_line_and_no_traceback(reproduced, tmp_path):
-    repo = copy_repo(reproduced.repo, tmp_path / "repo")
-    set_params(repo, {"train": {"lr": -1}})
-    proc = sh(repo, "dvc", "repro", "train", check=False)
-    assert proc.returncode != 0
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
-    assert errors == ["error: train.lr must be > 0, got -1.0"]
-    assert "Traceback" not in proc.stdout + proc.stderr
-
-
 def test_a_queued_grid_runs_two_at_a_time_sharing_the_cores(reproduced, tmp_path):
     # the README's sweep, on a 2 x 1 grid: queued, then `dvc queue start -j 2`: each run takes half the cores
     repo = copy_repo(reproduced.repo, tmp_path / "repo")
