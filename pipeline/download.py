@@ -5,11 +5,15 @@ and http(s) base URLs, tried in order per file), checks each file's *decompresse
 sha256 and size, and moves it into ``--out`` only once verified. A source that
 fails is reported in one line and the next is tried; when every source fails for
 a file, the stage exits non-zero listing why each one failed.
+
+A URL may carry ``user:password@``: it is sent as HTTP basic auth (never on to a
+redirect target), and every line that names the source shows the password as ``***``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import http.client
 import os
@@ -17,6 +21,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -28,7 +33,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from pipeline.dataset import FILES
-from pipeline.errors import DownloadError, cli
+from pipeline.errors import DownloadError, cli, redact
 from pipeline.files import atomic_path, remove_partial
 from pipeline.params import load_params
 
@@ -44,6 +49,25 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+def _userinfo(url: str) -> tuple[str, str | None, str]:
+    """``url`` as (everything before its ``user:password@``, that userinfo or None, everything after it)."""
+    scheme, sep, rest = url.partition("://")
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    if not (sep and at):
+        return url, None, ""
+    return f"{scheme}://", userinfo, host + rest[end:]
+
+
+def _basic_auth(url: str) -> tuple[str, str | None]:
+    """``url`` without its userinfo, and the ``Authorization`` value that userinfo makes (None if it has none)."""
+    head, userinfo, tail = _userinfo(url)
+    if userinfo is None:
+        return url, None
+    user, _, password = (urllib.parse.unquote(part) for part in userinfo.partition(":"))
+    return head + tail, "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One place a file may come from: a URL, or a file in a local folder."""
@@ -57,9 +81,13 @@ def attempts(source: str, name: str) -> list[Attempt]:
     if is_url(source):
         return [Attempt(source.rstrip("/") + f"/{name}.gz", True)]
     folder = Path(source.removeprefix("file://"))
-    if not folder.is_dir():
-        raise SourceError("directory not found")
-    found = [Attempt(str(p), gz) for p, gz in ((folder / f"{name}.gz", True), (folder / name, False)) if p.is_file()]
+    try:
+        if not folder.is_dir():
+            raise SourceError("directory not found")
+        candidates = ((folder / f"{name}.gz", True), (folder / name, False))
+        found = [Attempt(str(p), gz) for p, gz in candidates if p.is_file()]
+    except OSError as e:  # a folder (or one above it) that this user may not search
+        raise SourceError(_reason(e)) from None
     if not found:
         raise SourceError(f"neither {name}.gz nor {name} is there")
     return found
@@ -78,14 +106,18 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 def open_attempt(attempt: Attempt, timeout: float) -> Iterator[tuple[BinaryIO, int | None, str]]:
     """Open ``attempt``: yields (stream, size if known, where the bytes come from, after any redirects)."""
     if not is_url(attempt.where):
-        with open(attempt.where, "rb") as f:
+        with _open_local(attempt.where) as f:
             yield f, os.fstat(f.fileno()).st_size, attempt.where
         return
+    url, auth = _basic_auth(attempt.where)
     try:
-        req = urllib.request.Request(attempt.where, headers={"User-Agent": "fashion-mnist-pipeline"})
+        req = urllib.request.Request(url, headers={"User-Agent": "fashion-mnist-pipeline"})
+        if auth is not None:
+            req.add_unredirected_header("Authorization", auth)  # for this host only, not a redirect target
         resp = urllib.request.build_opener(_HttpOnlyRedirects).open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        raise SourceError(f"HTTP {e.code} {e.reason}") from None
+        hint = " (check the user and password in download.sources)" if e.code == 401 else ""
+        raise SourceError(f"HTTP {e.code} {e.reason}{hint}") from None
     except urllib.error.URLError as e:
         raise SourceError(_reason(e.reason)) from None
     except TimeoutError:
@@ -95,6 +127,13 @@ def open_attempt(attempt: Attempt, timeout: float) -> Iterator[tuple[BinaryIO, i
     with resp:
         length = resp.headers.get("Content-Length")
         yield resp, int(length) if length and length.isdigit() else None, resp.geturl()
+
+
+def _open_local(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as e:  # no read permission, or gone since the folder was searched
+        raise SourceError(_reason(e)) from None
 
 
 def _reason(err: object) -> str:
@@ -195,8 +234,9 @@ def fetch_file(name: str, sha256: str, size: int, sources: Iterable[str], out_di
     failures: list[str] = []
 
     def failed(where: str, e: SourceError) -> None:
-        failures.append(f"{where}: {e}")
-        print(f"download: {name} from {where} failed: {e}; trying the next source", file=sys.stderr, flush=True)
+        shown = redact(where)
+        failures.append(f"{shown}: {e}")
+        print(f"download: {name} from {shown} failed: {e}; trying the next source", file=sys.stderr, flush=True)
 
     for source in sources:
         try:
@@ -210,7 +250,7 @@ def fetch_file(name: str, sha256: str, size: int, sources: Iterable[str], out_di
             except SourceError as e:
                 failed(source if len(tries) == 1 else attempt.where, e)
                 continue
-            print(f"download: {name} from {where}: {size} bytes, sha256 verified", flush=True)
+            print(f"download: {name} from {redact(where)}: {size} bytes, sha256 verified", flush=True)
             return
     raise DownloadError(f"no source provided {name}:\n" + "\n".join(f"  {f}" for f in failures))
 

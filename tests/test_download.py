@@ -1,8 +1,13 @@
+import base64
 import gzip
 import hashlib
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
+import urllib.parse
 from functools import partial
 from pathlib import Path
 
@@ -394,3 +399,152 @@ def test_a_multi_member_gzip_is_read_whole(tmp_path, payloads, files):
         (src / f"{name}.gz").write_bytes(gzip.compress(data[:half], mtime=0) + gzip.compress(data[half:], mtime=0))
     download_all([str(src)], tmp_path / "raw", timeout=5, files=files)
     assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == payloads
+
+
+# Root reads any file whatever its mode, and CI runs as root: there, run as root without the capabilities to.
+FILE_MODES_BIND = (
+    ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+)
+
+
+def download_in_a_process(sources: list[Path], out: Path, files: dict) -> subprocess.CompletedProcess:
+    """``download_all(sources, out, files=files)`` in a child process that file modes bind, even under root."""
+    script = "import json, sys; from pipeline.download import download_all; download_all(**json.loads(sys.argv[1]))"
+    args = {"sources": [str(s) for s in sources], "out_dir": str(out), "timeout": 5, "files": files}
+    cmd = [*FILE_MODES_BIND, sys.executable, "-c", script, json.dumps(args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _unreadable_folder(tmp_path, payloads):
+    locked = make_mirror(tmp_path / "locked", payloads)
+    return [locked, make_mirror(tmp_path / "good", payloads)], [locked], f"from {locked} failed"
+
+
+def _unreadable_gz_beside_a_raw_file(tmp_path, payloads):
+    src = make_mirror(tmp_path / "deb", payloads)
+    for name, data in payloads.items():
+        (src / name).write_bytes(data)
+    return [src], [src / f"{name}.gz" for name in NAMES], f"from {src / NAMES[0]}.gz failed"
+
+
+def _unreadable_file(tmp_path, payloads):
+    src = make_mirror(tmp_path / "deb", payloads)
+    return [src, make_mirror(tmp_path / "good", payloads)], [src / f"{name}.gz" for name in NAMES], f"from {src} failed"
+
+
+@pytest.mark.parametrize(
+    "unreadable",
+    [_unreadable_folder, _unreadable_gz_beside_a_raw_file, _unreadable_file],
+    ids=["folder", "gz-beside-raw-file", "file"],
+)
+def test_an_unreadable_source_is_one_line_and_the_next_is_tried(tmp_path, payloads, files, unreadable):
+    sources, locked, said = unreadable(tmp_path, payloads)
+    for path in locked:
+        path.chmod(0)
+    try:
+        proc = download_in_a_process(sources, tmp_path / "raw", files)
+    finally:
+        for path in locked:
+            path.chmod(0o700)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"download: {NAMES[0]} {said}: permission denied; trying the next source\n" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == payloads
+
+
+USER, PASSWORD, WRONG = "reader", "s3cr:t@x", "hunter2-wrong"  # ':' and '@' travel percent-encoded in a URL
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    return url.replace("://", f"://{user}:{urllib.parse.quote(password, safe='')}@", 1)
+
+
+def serve_gz(payloads: dict[str, bytes]):
+    """A FaultyServer response that serves each file's .gz from ``payloads``."""
+
+    def respond(h):
+        body = gzip.compress(payloads[h.path.strip("/").removesuffix(".gz")], mtime=0)
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    return respond
+
+
+def basic_auth_first(then):
+    """A FaultyServer response that answers 401 unless the request carries USER and PASSWORD, else ``then``."""
+    expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+    def respond(h):
+        if h.headers.get("Authorization") != expected:
+            h.send_response(401)
+            h.send_header("WWW-Authenticate", 'Basic realm="mirror"')
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        then(h)
+
+    return respond
+
+
+def test_a_basic_auth_mirror_serves_the_files_given_its_user_and_password(tmp_path, faulty, payloads, files):
+    server = faulty(basic_auth_first(serve_gz(payloads)))
+    download_all([with_credentials(server.url, USER, PASSWORD)], tmp_path / "raw", timeout=5, files=files)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == payloads
+
+
+def test_a_wrong_password_is_one_line_and_the_next_source_is_tried(tmp_path, faulty, payloads, files, capsys):
+    server = faulty(basic_auth_first(serve_gz(payloads)))
+    good = make_mirror(tmp_path / "good", payloads)
+    download_all([with_credentials(server.url, USER, WRONG), str(good)], tmp_path / "raw", timeout=5, files=files)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == payloads
+    err = capsys.readouterr().err
+    hint = "HTTP 401 Unauthorized (check the user and password in download.sources)"
+    assert f"download: {NAMES[0]} from {server.url.replace('://', f'://{USER}:***@')} failed: {hint}; " in err
+    assert err.count(" failed: ") == len(NAMES) and "Traceback" not in err
+
+
+def test_the_password_is_not_sent_on_to_a_redirect_target(tmp_path, faulty, payloads, files):
+    seen = []
+
+    def record_and_serve(h):
+        seen.append(h.headers.get("Authorization"))
+        serve_gz(payloads)(h)
+
+    target = faulty(record_and_serve)
+
+    def moved(h):
+        h.send_response(302)
+        h.send_header("Location", f"{target.url}{h.path}")
+        h.end_headers()
+
+    server = faulty(basic_auth_first(moved))
+    download_all([with_credentials(server.url, USER, PASSWORD)], tmp_path / "raw", timeout=5, files=files)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == payloads
+    assert seen == [None] * len(NAMES)
+
+
+def _fails(tmp_path, server, files) -> None:
+    params = tmp_path / "params.yaml"
+    wrong = with_credentials(server.url, USER, WRONG)
+    token = server.url.replace("://", "://token-only-user@")  # a user with no password may be a token
+    params.write_text(json.dumps(full_params({"download": {"sources": [wrong, token]}})))
+    with pytest.raises(SystemExit) as info:
+        main(["--params", str(params), "--out", str(tmp_path / "raw")])
+    assert info.value.code == 2
+
+
+def _succeeds(tmp_path, server, files) -> None:
+    sources = [with_credentials(server.url, USER, WRONG), with_credentials(server.url, USER, PASSWORD)]
+    download_all(sources, tmp_path / "raw", timeout=5, files=files)
+    assert len(list((tmp_path / "raw").iterdir())) == len(NAMES)
+
+
+@pytest.mark.parametrize("download", [_fails, _succeeds], ids=["failing", "succeeding"])
+def test_a_password_in_a_source_url_is_never_printed(tmp_path, faulty, payloads, files, capsys, download):
+    server = faulty(basic_auth_first(serve_gz(payloads)))
+    download(tmp_path, server, files)
+    out, err = capsys.readouterr()
+    for secret in (PASSWORD, WRONG, urllib.parse.quote(PASSWORD, safe=""), "token-only-user"):
+        assert secret not in out + err
+    assert f"{USER}:***@" in err
