@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.dataset import Split, load_split
-from pipeline.errors import cli
+from pipeline.errors import ModelArtifactError, cli
 from pipeline.files import atomic_path, write_json
 from pipeline.metrics import Predictions, classification_report, confusion_matrix
 from pipeline.model import artifact_info, load_artifact
@@ -72,6 +72,16 @@ class Scored:
     tta: str  # the test-time augmentation the predictions used (evaluate.tta)
 
 
+def refuse_non_finite(got: Predictions, model_dir: Path) -> None:
+    """No finite number, no metrics: NaN or infinite logits are the model's failure, never an accuracy."""
+    bad = int((~(got.losses.isfinite() & got.confidence.isfinite())).sum())
+    if bad:
+        raise ModelArtifactError(
+            f"model {model_dir} gives NaN or infinite logits on {bad} of {len(got.losses)} test samples; "
+            "no metrics written; retrain: dvc repro --force train"
+        )
+
+
 def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params) -> Scored:
     """Predict every test sample once, on however many processes, and score the predictions."""
     model, model_cfg = load_artifact(model_dir)
@@ -79,6 +89,7 @@ def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params)
     model, loader = accelerator.prepare(model, eval_loader(test, params.evaluate.batch_size))
     got = predict(accelerator, model, loader, params.evaluate.tta)
     assert len(got.preds) == len(test), f"counted {len(got.preds)} predictions for {len(test)} test samples"
+    refuse_non_finite(got, model_dir)
     info = artifact_info(model_dir)
     classes = tuple(info["classes"])
     counts = confusion_matrix(got.preds, got.labels, model_cfg.num_classes)

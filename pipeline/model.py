@@ -36,9 +36,10 @@ class ModelConfig:
     in_channels: int = knob(1, ge=1, le=16, says="1 to 16")
     image_size: int = knob(28, ge=8, le=256, says="8 to 256 pixels")
     num_classes: int = knob(len(CLASSES), ge=2, le=1000, says="2 to 1000")
-    # Fashion-MNIST training-set pixel statistics, for inputs scaled to [0, 1]
-    mean: float = 0.2860
-    std: float = knob(0.3530, gt=0)
+    # Fashion-MNIST training-set pixel statistics, for inputs scaled to [0, 1]; bounded so that the standardised
+    # input (x - mean) / std stays within +-1000, finite in any precision the models run in
+    mean: float = knob(0.2860, ge=0, le=1, says="0 to 1 (inputs are scaled to [0, 1])")
+    std: float = knob(0.3530, ge=1e-3, le=1, says="0.001 to 1")
 
 
 class ImageClassifier(nn.Module):
@@ -206,7 +207,7 @@ def _read_meta(model_dir: str | Path) -> tuple[ModelConfig, dict]:
     try:
         cfg = typed(ModelConfig, meta["model"], "model")
     except ParamsError as e:
-        raise ModelArtifactError(f"{path}: {e}; run `dvc repro train`") from None
+        raise ModelArtifactError(f"{path}: {e}; retrain: dvc repro --force train") from None
     if cfg.name not in MODELS:
         raise ModelArtifactError(
             f"{path} names model {cfg.name!r}, which this version does not know ({', '.join(MODELS)})"

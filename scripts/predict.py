@@ -11,7 +11,9 @@ probabilities for each input, or writes them to a CSV or JSON file:
 
 Images are read like Fashion-MNIST: light garment on a dark background. Pass
 ``--invert`` for photos of dark items on a light background. A non-square image is
-letterboxed (padded with the background, never stretched) before it is resized.
+letterboxed (padded with the background, never stretched) before it is resized. Every PIL
+mode is read as the 8-bit grey picture it shows (:func:`to_grey`): 16- and 32-bit and float
+greys scaled, transparency composited over that same background.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.batches import to_input
 from pipeline.dataset import CLASSES, load_split
-from pipeline.errors import DataError, cli
+from pipeline.errors import DataError, ModelArtifactError, cli
 from pipeline.files import write_text
 from pipeline.model import ModelConfig, artifact_info, load_artifact
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +86,63 @@ def expand_inputs(args: list[str]) -> list[Path]:
     return paths
 
 
+def white_level(im: Image.Image) -> tuple[int, bool]:
+    """The sample value that is white in a 16- or 32-bit grey, and whether Pillow hands its samples back wrapped.
+
+    From the file's own bits per sample where it declares them (TIFF: ``2**bits - 1``, or ``2**(bits - 1) - 1``
+    for signed samples); 65535 for every other file, since PNG, PGM/PPM and the rest hold at most 16-bit greys
+    (and Pillow scales a PGM's ``maxval`` to 65535). Unsigned 32-bit samples come back as signed ones: wrapped.
+    """
+    tags = getattr(im, "tag_v2", {})
+    if 258 not in tags:  # BitsPerSample
+        return 65535, False
+    bits, signed = tags[258][0], tags.get(339, (1,))[0] == 2  # SampleFormat 2: signed integers
+    return 2 ** (bits - 1 if signed else bits) - 1, bits == 32 and not signed
+
+
+def scaled_grey(im: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer grey (``I;16*``, ``I``) or a float one (``F``) as 8-bit, rounded: 0 is black, and
+    :func:`white_level` (integers) or 1.0 (floats, as the model's own inputs are scaled) is white.
+
+    Raises:
+        ValueError: a sample is not finite or lies outside that range; it is refused, not clipped.
+    """
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(im).astype(np.float64)
+    white, wrapped = (1, False) if im.mode == "F" else white_level(im)
+    if wrapped:
+        values[values < 0] += 2.0**32
+    if not (np.isfinite(values).all() and 0 <= values.min() and values.max() <= white):
+        raise ValueError(
+            f"its {im.mode} samples run {values.min():g} to {values.max():g}; black is 0 and white is {white}"
+        )
+    return Image.fromarray(np.rint(values * (255 / white)).astype(np.uint8))
+
+
+def to_grey(im: Image.Image, background: int) -> Image.Image:
+    """``im``, in any PIL mode, as the 8-bit grey (mode ``L``) picture it shows.
+
+    16- and 32-bit integer and float greys are scaled by :func:`scaled_grey`. Transparency (``LA``, ``RGBA``,
+    ``PA``, or ``P``, ``L`` or ``RGB`` with a transparent colour) is composited over ``background``. Every other
+    mode (``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``, ...) takes PIL's conversion (ITU-R 601-2 luma).
+
+    Raises:
+        ValueError: samples :func:`scaled_grey` refuses, or a mode PIL cannot convert to grey (``LAB``).
+    """
+    from PIL import Image
+
+    if im.mode.startswith("I") or im.mode == "F":
+        return scaled_grey(im)
+    if "transparency" in im.info or im.getbands()[-1] in ("A", "a"):
+        rgba = im.convert("RGBA")
+        grey = Image.new("L", im.size, background)
+        grey.paste(rgba.convert("L"), mask=rgba.getchannel("A"))
+        return grey
+    return im.convert("L")
+
+
 def read_image(path: Path, cfg: ModelConfig, invert: bool) -> torch.Tensor:
     """A file as uint8 (H, W) at the model's input size, greyscale; letterboxed (padded, not stretched)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -97,11 +160,13 @@ def read_image(path: Path, cfg: ModelConfig, invert: bool) -> torch.Tensor:
                 if width * height > MAX_PIXELS:
                     raise DataError(f"{path} is {width}x{height}; {refused}")
                 size, background = (cfg.image_size, cfg.image_size), 255 if invert else 0  # dark after --invert
-                grey = ImageOps.pad(im.convert("L"), size, Image.Resampling.BILINEAR, color=background)
+                grey = ImageOps.pad(to_grey(im, background), size, Image.Resampling.BILINEAR, color=background)
     except Image.DecompressionBombError:  # so large that PIL will not even read its header
         raise DataError(f"{path} is over {2 * (Image.MAX_IMAGE_PIXELS or 0) // 10**6} megapixels; {refused}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path} is not an image PIL can read ({e})") from None
+    except ValueError as e:
+        raise DataError(f"{path} cannot be read as a grey picture: {e}") from None
     t = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(cfg.image_size, cfg.image_size)
     return 255 - t if invert else t
 
@@ -111,6 +176,16 @@ def top_k(model: torch.nn.Module, images: torch.Tensor, k: int) -> tuple[torch.T
     with torch.no_grad():
         probs = model(to_input(images)).softmax(dim=1)
     return probs.topk(k, dim=1)
+
+
+def refuse_non_finite(probs: torch.Tensor, names: list[str], model_dir: str) -> None:
+    """No finite number, no output: a NaN or infinite probability is the model's failure, never a prediction."""
+    bad = (~probs.isfinite()).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise ModelArtifactError(
+            f"model {model_dir} gives NaN or infinite probabilities for {names[bad[0]]} ({len(bad)} of {len(names)} "
+            "inputs); retrain: dvc repro --force train"
+        )
 
 
 def rows_of(names: list[str], probs: torch.Tensor, indices: torch.Tensor, classes: list[str]) -> list[dict]:
@@ -151,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     classes = artifact_info(args.model_dir)["classes"]  # the artifact names its own classes
     images, names = inputs(args, cfg, classes)
-    rows = rows_of(names, *top_k(model, images, args.top_k), classes)
+    probs, indices = top_k(model, images, args.top_k)
+    refuse_non_finite(probs, names, args.model_dir)
+    rows = rows_of(names, probs, indices, classes)
     if args.out is None:
         for row in rows:
             print(f"{row['input']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"]))

@@ -129,3 +129,19 @@ def test_an_artifact_that_does_not_name_its_classes_is_refused(tmp_path, tiny_ra
         run_eval(tmp_path, write_params(), tmp_path / "bad")
     assert info.value.code == 2
     assert "does not name its 10 classes; run `dvc repro train`" in capsys.readouterr().err
+
+
+def test_non_finite_logits_are_an_error_and_no_metrics_are_written(tmp_path, tiny_raw, write_params, capsys):
+    model = build_model(ModelConfig())
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.mul_(1e8)  # finite weights whose activations overflow float32 within seven layers
+    save_artifact(model, ModelConfig(), tmp_path / "models")
+    with pytest.raises(SystemExit) as info:
+        run_eval(tmp_path, write_params(), tmp_path / "models")
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: model {tmp_path / 'models'} gives NaN or infinite logits on 137 of 137 test samples; "
+        "no metrics written; retrain: dvc repro --force train\n"
+    )
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "eval").exists()

@@ -1,10 +1,13 @@
 import copy
 import json
+import re
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline import evaluate
 from pipeline.errors import ModelArtifactError
 from pipeline.model import (
     CONFIG_FILE,
@@ -18,6 +21,7 @@ from pipeline.model import (
     load_artifact,
     save_artifact,
 )
+from tests.conftest import REPO, sh
 
 
 def test_tutorial_cnn_flatten_size_is_computed_for_28px_input():
@@ -163,7 +167,7 @@ def test_compiled_model_unwraps_to_plain_keys_for_the_artifact(tmp_path):
         ("image_size", 100_000, r"model\.image_size must be 8 to 256 pixels, got 100000"),
         ("num_classes", 1e9, r"model\.num_classes must be an integer, got 1000000000\.0"),
         ("in_channels", "1", r"model\.in_channels must be an integer, got '1'"),
-        ("std", 0, r"model\.std must be > 0, got 0\.0"),
+        ("std", 0, r"model\.std must be 0\.001 to 1, got 0\.0"),
         ("mean", "nan", r"model\.mean must be a number, got 'nan'"),
     ],
     ids=["huge-image", "huge-classes", "string-channels", "zero-std", "string-mean"],
@@ -173,7 +177,7 @@ def test_an_artifact_config_is_checked_as_strictly_as_params(tmp_path, field, va
     meta = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
     meta["model"][field] = value
     (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ModelArtifactError, match=match + r"; run `dvc repro train`") as info:
+    with pytest.raises(ModelArtifactError, match=match + r"; retrain: dvc repro --force train") as info:
         load_artifact(tmp_path / "m")
     assert "\n" not in str(info.value)
 
@@ -187,3 +191,57 @@ def test_non_finite_weights_are_an_error_not_a_metric(tmp_path):
         ModelArtifactError, match=r"holds NaN or infinite weights \(.*\); retrain: dvc repro --force train"
     ):
         load_artifact(tmp_path / "m")
+
+
+def with_statistics(model_dir, **fields: float) -> None:
+    """Set the input statistics (``mean``, ``std``) an artifact's model.json records."""
+    meta = json.loads((model_dir / CONFIG_FILE).read_text())
+    meta["model"].update(fields)
+    (model_dir / CONFIG_FILE).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"mean": 1e300}, r"model\.mean must be 0 to 1 \(inputs are scaled to \[0, 1\]\), got 1e\+300"),
+        ({"mean": -0.5}, r"model\.mean must be 0 to 1 \(inputs are scaled to \[0, 1\]\), got -0\.5"),
+        ({"std": 1e-300}, r"model\.std must be 0\.001 to 1, got 1e-300"),
+        ({"std": 1e300}, r"model\.std must be 0\.001 to 1, got 1e\+300"),
+    ],
+    ids=["huge-mean", "negative-mean", "tiny-std", "huge-std"],
+)
+def test_input_statistics_that_break_the_input_are_refused(tmp_path, fields, said):
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "m")
+    with_statistics(tmp_path / "m", **fields)
+    config = tmp_path / "m" / CONFIG_FILE
+    with pytest.raises(
+        ModelArtifactError, match=rf"^{re.escape(str(config))}: {said}; retrain: dvc repro --force train$"
+    ) as info:
+        load_artifact(tmp_path / "m")
+    assert "\n" not in str(info.value)
+
+
+def predict_command(model_dir, data, out) -> list[str]:
+    return [sys.executable, "-m", "scripts.predict", "--model-dir", str(model_dir), "--data", str(data),
+            "--idx", "0", "--out", str(out / "predictions.json")]  # fmt: skip
+
+
+def evaluate_command(model_dir, data, out, params) -> list[str]:
+    return evaluate.command(params, data, model_dir, out / "metrics" / "test.json", out / "eval")
+
+
+@pytest.mark.parametrize("stage", ["predict", "evaluate"])
+def test_a_non_finite_input_scaling_stops_predict_and_evaluate_with_one_line(tmp_path, tiny_raw, write_params, stage):
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "m")
+    with_statistics(tmp_path / "m", mean=1e300, std=1e-300)  # (0 - mean) / std overflows to -inf
+    out = tmp_path / "out"
+    out.mkdir()
+    args = (tmp_path / "m", tiny_raw, out)
+    cmd = predict_command(*args) if stage == "predict" else evaluate_command(*args, write_params())
+    proc = sh(REPO, *cmd, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: {tmp_path / 'm' / CONFIG_FILE}: model.mean must be 0 to 1 (inputs are scaled to [0, 1]), got 1e+300; "
+        "retrain: dvc repro --force train"
+    ]
+    assert list(out.iterdir()) == []

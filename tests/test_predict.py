@@ -1,7 +1,9 @@
 import csv
 import json
 import re
+import struct
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -166,3 +168,122 @@ def test_a_non_square_image_is_letterboxed_not_stretched(tmp_path):
     assert image[10:18].min() == 255  # the band itself, whole width, unstretched in height
     inverted = predict.read_image(wide, ModelConfig(), invert=True)
     assert inverted[:6].max() == 0 and inverted[10:18].max() == 0  # light background padded, then all inverted
+
+
+RAMP = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)  # every grey level, 0 (black) to 255 (white)
+BILEVEL = np.where(RAMP >= 128, 255, 0).astype(np.uint8)  # what a 1-bit file can hold of it
+GREYS = [v for v in range(256) for _ in range(3)]  # a palette whose entry v is grey v
+
+
+def hidden_black(picture: np.ndarray, mode: str) -> Image.Image:
+    """``picture`` in ``mode`` (``LA``, ``PA``, ``RGBA``): its black pixels transparent, a light grey under them."""
+    visible = picture > 0
+    grey = Image.fromarray(np.where(visible, picture, 200).astype(np.uint8))
+    image = Image.merge(mode, [grey] * (len(mode) - 1) + [Image.fromarray(visible.astype(np.uint8) * 255)])
+    if mode == "PA":
+        image.putpalette(GREYS)
+    return image
+
+
+def paletted(picture: np.ndarray, transparent: bool) -> Image.Image:
+    """``picture`` as palette indices; with ``transparent``, entry 0 (black) is a transparent red."""
+    image = Image.frombytes("P", (28, 28), picture.tobytes())
+    image.putpalette([200, 60, 60, *GREYS[3:]] if transparent else GREYS)
+    if transparent:
+        image.info["transparency"] = 0
+    return image
+
+
+def scaled(picture: np.ndarray, white: int, dtype: str) -> Image.Image:
+    """``picture`` with 255 (white) scaled to ``white``, in samples of ``dtype`` (rounded, unless floats)."""
+    values = picture / 255 * white
+    return Image.fromarray((values if np.dtype(dtype).kind == "f" else np.rint(values)).astype(dtype))
+
+
+def unsigned_32bit_tiff(picture: np.ndarray, path) -> None:
+    """A TIFF of unsigned 32-bit samples: Pillow writes signed ones, so its SampleFormat tag is rewritten."""
+    scaled(picture, 2**32 - 1, "uint32").convert("I").save(path)
+    data = path.read_bytes()
+    signed = struct.pack("<HHIH", 339, 3, 1, 2)  # the IFD entry SampleFormat = 2 (signed integers)
+    assert data.count(signed) == 1
+    path.write_bytes(data.replace(signed, struct.pack("<HHIH", 339, 3, 1, 1)))
+
+
+def saved(encode):
+    """A writer that saves ``encode(picture)`` at the path it is given."""
+    return lambda picture, path: encode(picture).save(path)
+
+
+WRITERS = {  # id: (the mode the file opens as, its suffix, the picture it holds, how to write it)
+    "I;16-png": ("I;16", ".png", RAMP, saved(lambda p: scaled(p, 65535, "uint16"))),
+    "I;16B-tiff": ("I;16B", ".tif", RAMP, saved(lambda p: scaled(p, 65535, ">u2"))),
+    "I-16bit-ppm": ("I", ".ppm", RAMP, saved(lambda p: scaled(p, 65535, "uint16"))),
+    "I-signed-32bit-tiff": ("I", ".tif", RAMP, saved(lambda p: scaled(p, 2**31 - 1, "int32"))),
+    "I-unsigned-32bit-tiff": ("I", ".tif", RAMP, unsigned_32bit_tiff),
+    "F-tiff": ("F", ".tif", RAMP, saved(lambda p: scaled(p, 1, "float32"))),
+    "P-png": ("P", ".png", RAMP, saved(lambda p: paletted(p, transparent=False))),
+    "P-transparent-png": ("P", ".png", RAMP, saved(lambda p: paletted(p, transparent=True))),
+    "PA-tiff": ("PA", ".tif", RAMP, saved(lambda p: hidden_black(p, "PA"))),
+    "LA-png": ("LA", ".png", RAMP, saved(lambda p: hidden_black(p, "LA"))),
+    "RGBA-png": ("RGBA", ".png", RAMP, saved(lambda p: hidden_black(p, "RGBA"))),
+    "CMYK-tiff": ("CMYK", ".tif", RAMP, saved(lambda p: Image.fromarray(p).convert("CMYK"))),
+    "1-png": ("1", ".png", BILEVEL, saved(lambda p: Image.fromarray(p >= 128))),
+    "RGB-png": ("RGB", ".png", RAMP, saved(lambda p: Image.fromarray(p).convert("RGB"))),
+}
+
+
+@pytest.mark.parametrize(("mode", "suffix", "picture", "write"), WRITERS.values(), ids=WRITERS.keys())
+def test_every_image_mode_reads_as_the_same_8bit_picture(tmp_path, mode, suffix, picture, write):
+    path = tmp_path / f"picture{suffix}"
+    write(picture, path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode
+    image = predict.read_image(path, ModelConfig(), invert=False)
+    assert image.numpy().tolist() == picture.tolist()
+
+
+@pytest.mark.parametrize(("invert", "hidden", "item"), [(False, 255, 90), (True, 0, 255 - 90)], ids=["plain", "invert"])
+def test_a_transparent_background_is_the_background_the_reading_assumes(tmp_path, invert, hidden, item):
+    path = tmp_path / "cutout.png"
+    picture = np.zeros((28, 28, 4), dtype=np.uint8)
+    picture[..., :3] = hidden  # transparent, over the grey the reading does not assume
+    picture[8:20, 8:20] = (90, 90, 90, 255)  # an opaque grey square
+    Image.fromarray(picture).save(path)
+    image = predict.read_image(path, ModelConfig(), invert=invert)
+    assert image[0, 0] == 0  # black read as is; white under --invert, then inverted with the rest
+    assert image[14, 14] == item
+
+
+@pytest.mark.parametrize(
+    ("values", "said"),
+    [([0.0, 255.0], r"its F samples run 0 to 255; black is 0 and white is 1"), ([0.5, float("nan")], r"run nan")],
+    ids=["float-0-to-255", "float-nan"],
+)
+def test_grey_samples_beyond_white_are_refused_not_clipped(tmp_path, artifact, capsys, values, said):
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.resize(np.array(values, dtype=np.float32), (28, 28))).save(path)
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--model-dir", str(artifact[0]), str(path), "--out", str(tmp_path / "p.csv")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: {re.escape(str(path))} cannot be read as a grey picture: .*{said}.*\n", err)
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_non_finite_probabilities_are_refused_and_nothing_written(tmp_path, tiny_raw, capsys):
+    model = build_model(ModelConfig())
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.mul_(1e8)  # finite weights whose activations overflow float32 within seven layers
+    save_artifact(model, ModelConfig(), tmp_path / "models")
+    out = tmp_path / "p.json"
+    with pytest.raises(SystemExit) as stop:
+        predict.main(
+            ["--model-dir", str(tmp_path / "models"), "--data", str(tiny_raw), "--idx", "3", "4", "--out", str(out)]
+        )
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: model {tmp_path / 'models'} gives NaN or infinite probabilities for test[3] (true: Dress) "
+        "(2 of 2 inputs); retrain: dvc repro --force train\n"
+    )
+    assert not out.exists()
