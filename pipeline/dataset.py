@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, path_problem
 
 if TYPE_CHECKING:
     import torch
@@ -103,6 +103,8 @@ def load_split(raw_dir: str | Path, split: str, subset: int = 0) -> Split:
             buf = path.read_bytes()
         except FileNotFoundError:
             raise DataError(f"data file {path} is missing; run `dvc repro download`") from None
+        except OSError as e:  # a file where the folder should be, a folder where a file should be, no permission
+            raise DataError(f"data: {path_problem(e, 'pass another --data')}") from None
         tensors.append(parse_idx(buf, str(path)))
     images, labels = tensors
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:

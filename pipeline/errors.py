@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import re
+import shutil
+import signal
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,6 +23,7 @@ F = TypeVar("F", bound=Callable[..., int | None])
 # and the launcher's pid (a process whose parent is no longer that launcher prints its line itself).
 ERROR_DIR_VAR = "PIPELINE_ERROR_DIR"
 LAUNCHER_PID_VAR = "PIPELINE_LAUNCHER_PID"
+ERROR_DIR_PREFIX = "pipeline-launch-"  # the launcher's error folder is a temporary folder of this name
 DVC_STAGE_VAR = "DVC_STAGE"  # set by DVC in every stage command it runs
 # DVC removes a stage's outputs before its command runs; every output is cached (dvc.yaml), and dvc.lock keeps the
 # hashes of the last run that succeeded, so this brings that run's outputs back, byte for byte
@@ -70,16 +76,24 @@ def peer_lost(e: BaseException) -> str | None:
 
 
 def cli(main: F) -> F:
-    """Wrap a stage's ``main``: a PipelineError becomes ``error: ...`` on stderr and exit 2 (143 if stopped)."""
+    """Wrap a stage's ``main``: a PipelineError becomes ``error: ...`` on stderr and exit 2 (143 if stopped), as
+    does an OSError about a path (:func:`path_problem`), and Ctrl-C ``error: interrupted`` and exit 130."""
 
     @functools.wraps(main)
     def wrapper(*args: object, **kwargs: object) -> int | None:
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # from here on, Ctrl-C is caught below
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return main(*args, **kwargs)
         except PipelineError as e:
-            raise SystemExit(report(str(e), getattr(e, "exit_code", 2), getattr(e, "consequence", False))) from None
+            told = (str(e), getattr(e, "exit_code", 2), getattr(e, "consequence", False), getattr(e, "blames", ()))
+            raise SystemExit(report(*told)) from None
         except KeyboardInterrupt:
             raise SystemExit(report("interrupted", 130)) from None
+        except OSError as e:  # a path the user named (or a folder above it) that cannot be read or written
+            if e.filename is None:
+                raise
+            raise SystemExit(report(path_problem(e), 2)) from None
         except RuntimeError as e:
             line = peer_lost(e)
             if line is None:
@@ -109,20 +123,21 @@ def with_restore_hint(message: str, env: Mapping[str, str] | None = None) -> str
     return f"{message}; {RESTORE}" if env.get(DVC_STAGE_VAR) and RESTORE not in message else message
 
 
-def report(message: str, code: int, consequence: bool = False) -> int:
+def report(message: str, code: int, consequence: bool = False, blames: tuple[int, ...] = ()) -> int:
     """Say ``error: message`` once, passwords hidden; return ``code``. Under DVC it says how the last good outputs
     come back.
 
     Under pipeline.launch the line goes to the launcher, which prints one line for the whole group
     (every process of a group usually fails alike, and a ``consequence`` of another's failure is left out
-    when that one told its cause); anywhere else, or once that launcher is gone, to stderr.
+    when that one told its cause; so is the end of a rank the line ``blames``); anywhere else, or once that
+    launcher is gone, to stderr.
     """
     message = redact(with_restore_hint(message))
     folder, launcher = os.environ.get(ERROR_DIR_VAR), os.environ.get(LAUNCHER_PID_VAR)
     if folder and launcher == str(os.getppid()):
         entry = {"message": message, "code": code, "consequence": consequence, "time": time.time(),
                  "rank": int(os.environ.get("RANK", "0")),
-                 "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}  # fmt: skip
+                 "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "blames": list(blames)}  # fmt: skip
         try:
             (Path(folder) / f"{os.getpid()}.json").write_text(json.dumps(entry))
             return code
@@ -130,3 +145,68 @@ def report(message: str, code: int, consequence: bool = False) -> int:
             pass
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def path_problem(e: OSError, instead: str = "name another path") -> str:
+    """The one line for an OSError about a path: what is in the way, or what this user may not do, and what to do
+    (fix it, or ``instead``, e.g. ``pass another --checkpoint-dir``)."""
+    target = Path(os.fsdecode(e.filename2 if e.filename2 is not None else e.filename))
+    if e.errno == errno.EISDIR:
+        return f"{target} is a folder where a file must be; remove it or {instead}"
+    blocker = in_the_way(target) if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.ENOENT, errno.ELOOP) else None
+    if blocker is not None and blocker.is_symlink():
+        return f"{blocker} is a symlink to {os.readlink(blocker)}, which does not exist; create it or {instead}"
+    if blocker is not None:
+        return f"{blocker} is a file where a folder must be; remove it or {instead}"
+    if e.errno in (errno.EACCES, errno.EPERM):  # on the path, or on the folder it would be made in
+        where = next((p for p in [target, *target.parents] if os.path.lexists(p)), target)
+        return f"{where}: permission denied for this user; make it writable (and readable), or {instead}"
+    if e.errno == errno.EROFS:
+        return f"{target} is on a read-only file system; {instead} on a writable one"
+    return f"{target}: {e.strerror}; fix that or {instead}"
+
+
+def in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s folders, from the top, and ``path`` itself that is a file or a dangling symlink."""
+    try:
+        return next((p for p in [*reversed(path.parents), path] if os.path.lexists(p) and not p.is_dir()), None)
+    except OSError:  # a folder above it that this user may not search
+        return None
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    raise SystemExit(report("interrupted", 130))
+
+
+def quiet_interrupt_while_starting(argv: list[str]) -> None:
+    """Under ``python -m`` (``argv[0]`` is ``-m`` while the module is found): Ctrl-C before :func:`cli` wraps ``main``
+    (while ``import torch`` runs, say) is ``error: interrupted`` and exit 130, not a traceback."""
+    if argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def launcher_stderr() -> int | None:
+    """A descriptor of the launcher's own stderr, opened while it lives, when this process's stderr is a pipe.
+
+    accelerate's one-process launcher reads its process's stderr through a pipe and passes it on; if the
+    launcher is killed, that pipe leads nowhere, and :func:`outlive_launcher` points stderr here instead.
+    """
+    launcher = os.environ.get(LAUNCHER_PID_VAR)
+    try:
+        if launcher == str(os.getppid()) and stat.S_ISFIFO(os.fstat(2).st_mode):
+            return os.open(f"/proc/{launcher}/fd/2", os.O_WRONLY | os.O_APPEND)
+    except OSError:  # not Linux, or the launcher's stderr cannot be opened (a socket): the pipe is all there is
+        pass
+    return None
+
+
+def outlive_launcher(gone: int, stderr: int | None) -> None:
+    """When the process ``gone``, which is no more, was this process's launcher (killed, so it cannot clean up): say
+    what follows on the launcher's ``stderr`` (:func:`launcher_stderr`), and remove the launcher's error folder."""
+    if os.environ.get(LAUNCHER_PID_VAR) != str(gone):
+        return
+    if stderr is not None:
+        os.dup2(stderr, 2)  # the same descriptor under sys.stderr: what is printed from here on goes there
+    folder = Path(os.environ.get(ERROR_DIR_VAR, ""))
+    if folder.name.startswith(ERROR_DIR_PREFIX) and folder.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(folder, ignore_errors=True)

@@ -23,7 +23,8 @@ from accelerate import Accelerator
 
 from pipeline.dataset import Split, load_split
 from pipeline.errors import ModelArtifactError, cli
-from pipeline.files import atomic_path, write_json
+from pipeline.files import atomic_path, check_outputs, write_json
+from pipeline.memory import out_of_memory
 from pipeline.metrics import Predictions, classification_report, confusion_matrix
 from pipeline.model import artifact_info, load_artifact
 from pipeline.params import Params, load_params
@@ -119,13 +120,15 @@ def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
 
 def summary(scored: Scored, model_dir: Path, out: Path, eval_dir: Path, seconds: float) -> str:
     info, metrics = scored.info, scored.metrics
+    val = info.get("val_accuracy", "?")  # what training recorded: shown as it is when it is no number
+    val = f"{val:.4f}" if isinstance(val, int | float) else val
     tta = "" if scored.tta == "none" else f", {scored.tta} test-time augmentation"
     counted = f"loss {metrics['loss']:.4f}, {metrics['samples']} samples{tta}"
     worst = sorted(metrics["per_class"].items(), key=lambda kv: kv[1])[:3]
     return summary_table(
         [
             ("model", f"{model_dir}/ ({info['model']['name']}, {info.get('final_model', '?')} weights of "
-                      f"epoch {info.get('epoch', '?')}, val accuracy {info.get('val_accuracy', float('nan')):.4f})"),
+                      f"epoch {info.get('epoch', '?')}, val accuracy {val})"),
             ("test accuracy", f"{metrics['accuracy']:.4f} ({counted})"),
             ("worst classes", ", ".join(f"{k} {v:.3f}" for k, v in worst)),
             ("time", f"{seconds:.1f}s"),
@@ -138,10 +141,18 @@ def summary(scored: Scored, model_dir: Path, out: Path, eval_dir: Path, seconds:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
+    check_outputs({"--out": Path(args.out), "--eval-dir": Path(args.eval_dir)}, folders=("--eval-dir",))
     start = time.perf_counter()
     accelerator = make_accelerator(args.cpu_threads)
     paths = Path(args.model_dir), Path(args.out), Path(args.eval_dir)
-    scored = score(accelerator, paths[0], Path(args.data), params)
+    try:
+        scored = score(accelerator, paths[0], Path(args.data), params)
+    except (RuntimeError, MemoryError) as e:
+        batch = ("evaluate.batch_size", params.evaluate.batch_size)
+        told = out_of_memory(e, batch, batch)
+        if told is None:
+            raise
+        raise told from None
     if accelerator.is_main_process:
         write_outputs(scored, paths[1], paths[2])
         say(accelerator, summary(scored, *paths, time.perf_counter() - start))

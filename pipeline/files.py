@@ -14,11 +14,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import DiskFullError
+from pipeline.errors import DiskFullError, PipelineError, in_the_way, path_problem
 
 TMP_PREFIX = ".tmp-"
 
@@ -142,3 +142,25 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: object, indent: int = 2) -> None:
     """Write ``obj`` as indented JSON (with a final newline) to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def check_outputs(flags: Mapping[str, Path], folders: Collection[str] = ()) -> None:
+    """Refuse, before any work, an output the stage could not write, in one line naming its flag.
+
+    ``flags`` maps each output's flag (``--out``) to its path; the ``folders`` flags name folders, the others
+    files. Refused: a folder where a file goes, a file or a dangling symlink where a folder goes (the output's
+    own, or one above it), and a folder this user may not write in (the nearest that exists above the output,
+    where it is written beside its final name, and the output's own).
+    """
+    for flag, path in flags.items():
+        instead, folder = f"pass another {flag}", flag in folders
+        if path.is_dir() and not folder:
+            raise PipelineError(path_problem(OSError(errno.EISDIR, os.strerror(errno.EISDIR), str(path)), instead))
+        target = path if folder else path.parent
+        if in_the_way(target) is not None:
+            raise PipelineError(path_problem(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(target)), instead))
+        above = next((p for p in [path.parent, *path.parent.parents] if p.exists()), path.parent)
+        for where in [above, *[path] * path.is_dir()]:
+            if not os.access(where, os.W_OK | os.X_OK):
+                no = errno.EROFS if os.statvfs(where).f_flag & os.ST_RDONLY else errno.EACCES
+                raise PipelineError(path_problem(OSError(no, os.strerror(no), str(where)), instead))

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 from filelock import FileLock, Timeout
 
-from pipeline.errors import PipelineError, Stopped
+from pipeline.errors import PipelineError, Stopped, launcher_stderr, outlive_launcher, path_problem
 
 LOCK_FILE = ".lock"
 OWNER_FILE = ".owner.json"
@@ -38,23 +38,35 @@ LAUNCHER_VARS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISIO
 
 @contextmanager
 def hold_checkpoint_dir(root: Path) -> Iterator[None]:
-    """Hold ``root``'s lock while the block runs; refuse in one line when another trainer holds it."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Hold ``root``'s lock while the block runs; refuse in one line when another trainer holds it, or when
+    ``root`` cannot be a folder this user writes (a file or a dangling symlink in the way, no permission)."""
     lock = FileLock(str(root / LOCK_FILE))
+    _take(root, lock)
     try:
+        yield
+    finally:
+        (root / OWNER_FILE).unlink(missing_ok=True)
+        lock.release()
+
+
+def _take(root: Path, lock: FileLock) -> None:
+    """Make ``root``, take its ``lock`` and say who holds it in :data:`OWNER_FILE`, or say in one line why not."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         raise PipelineError(
             f"{root} is in use by another trainer ({_owner(root)}); wait for it to end or stop it, "
             "or give this run another --checkpoint-dir"
         ) from None
-    owner = root / OWNER_FILE
+    except OSError as e:
+        raise PipelineError(f"checkpoint folder: {path_problem(e, 'pass another --checkpoint-dir')}") from None
     try:
-        owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}))
-        yield
-    finally:
-        owner.unlink(missing_ok=True)
+        (root / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                   "started": time.ctime()}))  # fmt: skip
+    except OSError as e:  # a folder used before, read-only now: its lock file opens, nothing new can be made
         lock.release()
+        raise PipelineError(f"checkpoint folder: {path_problem(e, 'pass another --checkpoint-dir')}") from None
 
 
 def _owner(root: Path) -> str:
@@ -116,6 +128,7 @@ class Stopper:
     def __init__(self, watch: list[psutil.Process], poll_s: float = 1.0, grace_s: float = 30.0) -> None:
         self.watch, self.poll_s, self.grace_s = watch, poll_s, grace_s
         self.names = {p.pid: _describe(p) for p in watch}  # while they are alive to be asked
+        self._stderr = launcher_stderr() if watch else None  # where to say the stop line if the launcher dies
         self.reason = ""
         self._done = threading.Event()
         self._previous: dict[int, Any] = {}
@@ -133,6 +146,8 @@ class Stopper:
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
+        if self._stderr is not None:
+            os.close(self._stderr)
         for signum, handler in self._previous.items():
             if not (signum == signal.SIGINT and self._interrupted):
                 signal.signal(signum, handler)
@@ -152,6 +167,7 @@ class Stopper:
             if gone is None:
                 continue
             self.reason = f"{self.names[gone.pid]}, which started this run, has exited: stopping, not training on alone"
+            outlive_launcher(gone.pid, self._stderr)
             os.kill(os.getpid(), signal.SIGTERM)
             if not self._done.wait(self.grace_s):  # the main thread is stuck in C code (a collective)
                 print(f"error: {self.reason} (forced after {self.grace_s:g}s)", file=sys.stderr, flush=True)

@@ -31,13 +31,13 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
 import psutil
 
-from pipeline.errors import ERROR_DIR_VAR, LAUNCHER_PID_VAR, with_restore_hint
+from pipeline.errors import ERROR_DIR_PREFIX, ERROR_DIR_VAR, LAUNCHER_PID_VAR, PipelineError, cli, with_restore_hint
 
 # options a dvc.yaml command cannot take from the user, taken from the environment when not given:
 # the accelerate config, and torchrun's own variable for --max-restarts (restarts of a group that lost a worker)
@@ -57,6 +57,7 @@ class Failure:
     time: float
     told: bool = True
     consequence: bool = False  # of another process's failure (stopped, or lost a peer): left out if that one told
+    blames: tuple[int, ...] = ()  # the ranks this failure says caused it (stopped making progress)
 
 
 def with_env_defaults(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
@@ -78,12 +79,20 @@ def told(folder: Path) -> dict[int, Failure]:
         try:
             entry = json.loads(path.read_text())
             failure = Failure(str(entry["message"]), int(entry["code"]), float(entry["time"]),
-                              consequence=bool(entry["consequence"]))  # fmt: skip
+                              consequence=bool(entry["consequence"]),
+                              blames=tuple(int(r) for r in entry.get("blames", ())))  # fmt: skip
             entries.append((int(entry["attempt"]), int(entry["rank"]), failure))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     last = max((attempt for attempt, _, _ in entries), default=0)
     return {rank: failure for attempt, rank, failure in entries if attempt == last}
+
+
+def with_blame(failures: dict[int, Failure]) -> dict[int, Failure]:
+    """``failures`` with the end of each rank another one blamed (a stopped process, killed once the group gave
+    up on it) made a consequence of that rank's failure: the line that names it says it all."""
+    blamed = {rank for f in failures.values() for rank in f.blames}
+    return {r: replace(f, consequence=True) if r in blamed and not f.told else f for r, f in failures.items()}
 
 
 def causes(failures: Sequence[Failure]) -> list[Failure]:
@@ -204,20 +213,67 @@ def say_errors(messages: Iterable[str], code: int, tag: str = "error") -> int:
     return code
 
 
+def check_env(env: Mapping[str, str]) -> None:
+    """Refuse, in one line, a variable the launch reads (:data:`FROM_ENV`, :data:`VIA_VAR`, ``LOGLEVEL``) that it
+    cannot use."""
+    restarts = env.get(FROM_ENV["--max_restarts"], "")
+    if restarts and not restarts.isdigit():
+        raise PipelineError(f"PET_MAX_RESTARTS={restarts!r} is no count of restarts; set it to 0 or more, or unset it")
+    if env.get("LOGLEVEL") and env["LOGLEVEL"] not in logging.getLevelNamesMapping():  # torch's launchers set it
+        names = ", ".join(logging.getLevelNamesMapping())
+        raise PipelineError(f"LOGLEVEL={env['LOGLEVEL']!r} is no log level; set it to one of {names}, or unset it")
+    try:
+        shlex.split(env.get(VIA_VAR, ""))
+    except ValueError as e:
+        raise PipelineError(f"{VIA_VAR}={env[VIA_VAR]!r} is not a command line ({e}); fix it or unset it") from None
+
+
+def check_config(config_file: str | None, env: Mapping[str, str]) -> None:
+    """Read the accelerate config the launch will use, as accelerate does, and refuse one it cannot use in one line
+    naming where it came from (``ACCELERATE_CONFIG_FILE``, ``--config_file``, or accelerate's default config)."""
+    import yaml
+    from accelerate.commands.config import default_config_file, load_config_from_file
+
+    if config_file is None and not os.path.isfile(default_config_file):
+        return
+    path, var, new = config_file or default_config_file, FROM_ENV["--config_file"], "`accelerate config --config_file`"
+    if config_file is None:
+        named, fix = f"accelerate's default config {path}", "write it anew with `accelerate config`"
+    elif env.get(var) == config_file:
+        named, fix = f"{var}={path}", f"point {var} at another ({new} writes one), or unset it"
+    else:
+        named, fix = f"--config_file {path}", f"pass another ({new} writes one)"
+    try:
+        if not os.path.isfile(path):
+            raise ValueError("it does not exist" if not os.path.exists(path) else "it is not a file")
+        with open(path, encoding="utf-8") as f:
+            if not isinstance(yaml.safe_load(f), dict):  # JSON, accelerate's other format, is YAML too
+                raise ValueError("it is not a mapping of settings (`key: value` lines)")
+        load_config_from_file(path)
+    except Exception as e:  # what accelerate (or YAML) says is wrong with it, whatever the exception's type
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise PipelineError(f"{named} is not an accelerate config a launch can use: {why}; fix it, or {fix}") from None
+
+
+@cli
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    check_env(os.environ)
     if os.environ.get(VIA_VAR):
         return via_nodes(shlex.split(os.environ[VIA_VAR]), argv)
     from accelerate.commands.launch import launch_command_parser
 
     args = launch_command_parser().parse_args(with_env_defaults(argv, os.environ))
+    check_config(args.config_file, os.environ)
     quiet_launcher_logs(os.environ)
     previous = signal.signal(signal.SIGINT, _forward_interrupt)
     try:
-        with tempfile.TemporaryDirectory(prefix="pipeline-launch-") as folder:
+        with tempfile.TemporaryDirectory(prefix=ERROR_DIR_PREFIX) as folder:
             os.environ.update({ERROR_DIR_VAR: folder, LAUNCHER_PID_VAR: str(os.getpid())})
             unexplained = launch(args)  # empty when the launch succeeded (after restarts, maybe)
-            failures = {**unexplained, **told(Path(folder))} if unexplained else {}  # a line over how it ended
+            failures = (
+                with_blame({**unexplained, **told(Path(folder))}) if unexplained else {}
+            )  # a line over how it ended
     finally:
         signal.signal(signal.SIGINT, previous)
         for var in (ERROR_DIR_VAR, LAUNCHER_PID_VAR):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.dataset import CLASSES
-from pipeline.errors import ModelArtifactError, ParamsError
+from pipeline.errors import ModelArtifactError, ParamsError, path_problem
 from pipeline.files import atomic_path
 from pipeline.params import ModelName, knob, typed
 
@@ -194,8 +194,10 @@ def _read_meta(model_dir: str | Path) -> tuple[ModelConfig, dict]:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelArtifactError(f"model config {path} is missing; run `dvc repro train`") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelArtifactError(f"model config {path} is not valid JSON ({e}); run `dvc repro train`") from None
+    except OSError as e:  # a folder in its place, or no permission to read it
+        raise ModelArtifactError(f"model config: {path_problem(e, 'pass another --model-dir')}") from None
     if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or not isinstance(meta.get("model"), dict):
         raise ModelArtifactError(f"{path} is not a format-{ARTIFACT_FORMAT} model artifact; run `dvc repro train`")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -204,6 +206,9 @@ def _read_meta(model_dir: str | Path) -> tuple[ModelConfig, dict]:
         raise ModelArtifactError(
             f"{path} has unknown model fields {sorted(unknown)}; it was written by a newer version"
         )
+    if known - set(meta["model"]):  # the artifact alone rebuilds the model: no field may fall back to a default
+        missing = ", ".join(f"model.{k}" for k in sorted(known - set(meta["model"])))
+        raise ModelArtifactError(f"{path} lacks {missing}; retrain: dvc repro --force train")
     try:
         cfg = typed(ModelConfig, meta["model"], "model")
     except ParamsError as e:

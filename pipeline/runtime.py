@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 import psutil
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -18,6 +20,7 @@ from pipeline.dataset import Split
 from pipeline.errors import PipelineError
 from pipeline.metrics import Predictions
 from pipeline.params import TestTimeAugmentation
+from pipeline.watchdog import stall_timeout
 
 # threads per process on CPU for runs DVC starts (a stage's command line cannot take them); unset, a run takes
 # its share of the host's cores: split across its processes and, under `dvc queue start -j N`, the N workers
@@ -42,7 +45,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-threads",
         type=_thread_count,
-        default=os.environ.get(CPU_THREADS_VAR, "0"),
+        default=env_count(CPU_THREADS_VAR, 0),
         help=f"threads per process when running on CPU; 0 = the host's cores split across its processes and, "
         f"under `dvc queue start -j N`, the N runs side by side (default: ${CPU_THREADS_VAR}, else 0). "
         "Results on CPU are bitwise reproducible for a fixed thread count.",
@@ -53,7 +56,15 @@ def _thread_count(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} (from --cpu-threads or ${CPU_THREADS_VAR}) is no count") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is no count") from None
+
+
+def env_count(name: str, default: int, env: Mapping[str, str] | None = None) -> int:
+    """The count (0 or more) the variable ``name`` holds, ``default`` when it is unset or empty; one line if not."""
+    text = (os.environ if env is None else env).get(name, "")
+    if text and not text.isdigit():
+        raise PipelineError(f"{name}={text!r} is no count; set it to a whole number (0 or more), or unset it")
+    return int(text) if text else default
 
 
 def cpu_threads_for(requested: int, cpu_count: int | None, local_processes: int, runs: int = 1) -> int:
@@ -93,22 +104,24 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
     """
     if cpu_threads < 0:
         raise PipelineError(f"--cpu-threads must be 0 (auto) or a positive count, got {cpu_threads}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_count("WORLD_SIZE", 1)
     if world > 1 and not any(os.environ.get(v) for v in LAUNCHER_VARS):
         raise PipelineError(
             f"WORLD_SIZE={world} is set but no launcher (torchrun, accelerate launch, srun, mpirun) started this "
             "process, so it would wait for peers that never come; start N processes with "
             "`accelerate launch --multi_gpu --num_processes N -m pipeline.train`, or unset WORLD_SIZE for one process"
         )
-    join_restarted_group(os.environ)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    timeout = stall_timeout()  # every collective waits at most this long for the rest of the group
+    join_restarted_group(os.environ, timeout)
+    handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers, **kwargs)
     if accelerator.device.type == "cpu":
         if accelerator.mixed_precision == "fp16":
             raise PipelineError(
                 "fp16 mixed precision needs a GPU (on CPU it would silently run in fp32); "
                 "set train.mixed_precision (or accelerate's --mixed_precision) to bf16 or no"
             )
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        local = env_count("LOCAL_WORLD_SIZE", accelerator.num_processes)
         runs = queue_runs() if cpu_threads == 0 else 1
         torch.set_num_threads(cpu_threads_for(cpu_threads, os.cpu_count(), local, runs))
     if world > 1 and accelerator.num_processes == 1:
@@ -120,7 +133,7 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
     return accelerator
 
 
-def join_restarted_group(env: Mapping[str, str]) -> None:
+def join_restarted_group(env: Mapping[str, str], timeout: timedelta) -> None:
     """After a restart by torchrun's elastic agent, join the process group under a store prefix of this attempt.
 
     The agent keeps one store across restarts, so a restarted group would find the dead attempt's peer
@@ -136,6 +149,7 @@ def join_restarted_group(env: Mapping[str, str]) -> None:
         store=torch.distributed.PrefixStore(f"restart-{attempt}", store),
         rank=rank,
         world_size=world,
+        timeout=timeout,
     )
 
 

@@ -39,13 +39,16 @@ from pipeline.checkpoint import (
 )
 from pipeline.dataset import CLASSES, Split, load_split, train_val_split
 from pipeline.errors import DataError, PipelineError, cli
+from pipeline.files import check_outputs
 from pipeline.guard import Stopper, hold_checkpoint_dir, starters
+from pipeline.memory import activation_bytes, available_memory, check_batch_fits, out_of_memory
 from pipeline.model import ModelConfig, build_model, save_artifact
 from pipeline.params import MIXED_PRECISIONS, TRAIN_SECTIONS, Params, TrainParams, as_dict, load_params
 from pipeline.plots import first_of_each_class, label_grid
 from pipeline.provenance import RunKey, environment, run_key
 from pipeline.runtime import add_common_args, add_path_args, eval_loader, make_accelerator, say, summary_table
 from pipeline.trainer import Trainer, make_ema, make_optimizer, make_schedule
+from pipeline.watchdog import Heartbeat, stall_timeout
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,6 +97,13 @@ def check_sizes(params: Params, train: Split, world: int) -> None:
             f"train.batch_size ({b}) is larger than the {len(train)} training samples left after validation; "
             "lower it, or raise data.subset"
         )
+
+
+def check_step_fits(model: nn.Module, cfg: ModelConfig, batch_size: int, accelerator: Accelerator) -> None:
+    """Refuse a batch whose training step would not fit in the device's free memory, before the first step."""
+    world, device = accelerator.num_processes, accelerator.device
+    per_sample = activation_bytes(model, (cfg.in_channels, cfg.image_size, cfg.image_size), torch.device("cpu"))
+    check_batch_fits(per_sample, local_batch(batch_size, world), world, available_memory(device), str(device))
 
 
 def resume_or_start(
@@ -151,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_params(args.params)
     paths = Paths(Path(args.data), Path(args.model_dir), Path(args.live_dir), Path(args.checkpoint_dir))
+    check_outputs({"--model-dir": paths.model_dir, "--live-dir": paths.live_dir}, folders=("--model-dir", "--live-dir"))
     with Stopper(starters()):
         run(params, paths, args.cpu_threads, fresh=args.fresh, keep_state=args.keep_state)
     return 0
@@ -169,7 +180,16 @@ def run(params: Params, paths: Paths, cpu_threads: int, fresh: bool, keep_state:
     with ExitStack() as stack:
         if accelerator.is_main_process:  # only the main process writes checkpoints; it holds the folder
             stack.enter_context(hold_checkpoint_dir(paths.checkpoint_dir))
-        train_and_export(accelerator, params, paths, fresh, keep_state, live_available)
+        heartbeat = stack.enter_context(Heartbeat.of_group(accelerator.process_index, accelerator.num_processes))
+        try:
+            train_and_export(accelerator, params, paths, fresh, keep_state, live_available, heartbeat)
+        except (RuntimeError, MemoryError) as e:
+            told = heartbeat.stalled(e, stall_timeout()) or out_of_memory(
+                e, ("train.batch_size", cfg.batch_size), ("train.eval_batch_size", cfg.eval_batch_size)
+            )
+            if told is None:
+                raise
+            raise told from None
 
 
 @dataclass
@@ -198,6 +218,7 @@ def build(accelerator: Accelerator, params: Params, data: Path) -> Parts:
     check_sizes(params, train, accelerator.num_processes)
     model_cfg = ModelConfig(name=params.model.name)
     model = build_model(model_cfg)
+    check_step_fits(model, model_cfg, cfg.batch_size, accelerator)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     if cfg.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and on GPU tensor cores
@@ -314,12 +335,19 @@ def export(trainer: Trainer, parts: Parts, model_dir: Path, keep_state: bool) ->
 
 
 def train_and_export(
-    accelerator: Accelerator, params: Params, paths: Paths, fresh: bool, keep_state: bool, live: bool
+    accelerator: Accelerator,
+    params: Params,
+    paths: Paths,
+    fresh: bool,
+    keep_state: bool,
+    live: bool,
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     """Build, restore (or start), fit, export; then the summary."""
     cfg = params.train
     parts = build(accelerator, params, paths.data)
     trainer = restore(accelerator, parts, cfg, paths.checkpoint_dir, fresh, live)
+    trainer.heartbeat = heartbeat
     start_logging(accelerator, params, paths.live_dir, trainer, parts)
     start = time.perf_counter()
     for epoch in range(trainer.state.epoch, cfg.epochs):

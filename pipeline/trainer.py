@@ -27,6 +27,7 @@ from pipeline.errors import DataError
 from pipeline.metrics import classification_report, confusion_matrix
 from pipeline.params import TrainParams
 from pipeline.runtime import predict, say
+from pipeline.watchdog import Heartbeat
 
 
 def make_schedule(
@@ -62,6 +63,8 @@ LOSS, CORRECT, SAMPLES = range(len(fields(EpochSums)))  # EpochSums' fields, as 
 
 class Trainer:
     """The training loop around one prepared model, with its checkpointable state."""
+
+    heartbeat: Heartbeat | None = None  # told how far each step got, so that a stalled process can be named
 
     def __init__(
         self,
@@ -133,12 +136,14 @@ class Trainer:
     def step(self, idx: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
         """One optimizer step on this process's shard of a global batch; adds to the epoch's sums."""
         cfg = self.cfg
+        self.mark_progress()
         images, labels = self.train.images[idx], self.train.labels[idx]
         inputs = to_input(augment(images, flip, shift, centers, cfg.hflip, cfg.translate, cfg.cutout))
         if cfg.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         logits = self.model(inputs)
         loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        self.mark_progress()  # past the forward pass: a process stuck before here is behind one in the all-reduce
         self.accelerator.backward(loss)
         self.optimizer.step()
         self.scheduler.step()
@@ -153,6 +158,10 @@ class Trainer:
         self.state.step += 1
         self.state.global_step += 1
         return loss
+
+    def mark_progress(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.progress += 1
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """Finish ``epoch`` from ``state.step``; returns (mean loss, accuracy) over all processes."""

@@ -33,7 +33,7 @@ import torch
 from pipeline.batches import to_input
 from pipeline.dataset import CLASSES, load_split
 from pipeline.errors import DataError, ModelArtifactError, cli
-from pipeline.files import write_text
+from pipeline.files import check_outputs, write_text
 from pipeline.model import ModelConfig, artifact_info, load_artifact
 
 if TYPE_CHECKING:
@@ -222,6 +222,8 @@ def inputs(args: argparse.Namespace, cfg: ModelConfig, classes: list[str]) -> tu
 @cli
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out is not None:
+        check_outputs({"--out": args.out})
     model, cfg = load_artifact(args.model_dir)
     model.eval()
     classes = artifact_info(args.model_dir)["classes"]  # the artifact names its own classes

@@ -173,6 +173,13 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, **extra, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
+# Root reads and writes any file whatever its mode, and CI runs as root: there, a child process runs as root without
+# the capabilities to, so that file modes bind it (a read-only folder stays read-only).
+FILE_MODES_BIND = (
+    ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+)
+
+
 SLURM_STANDINS = Path(__file__).parent / "slurm"  # srun and scontrol stand-ins that run every "node" here
 
 

@@ -3,7 +3,6 @@ import gzip
 import hashlib
 import http.server
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import pytest
 
 from pipeline.download import download_all, main
 from pipeline.errors import DownloadError
-from tests.conftest import full_params
+from tests.conftest import FILE_MODES_BIND, REPO, full_params
 
 NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -179,6 +178,37 @@ def test_cli_failure_exits_2_with_one_line_per_source_and_no_traceback(tmp_path,
     assert err.count("error: no source provided") == 1
     assert err.count("nowhere failed: directory not found; trying the next source") == 4  # as it happens
     assert err.count("nowhere: directory not found\n") == 4  # the summary: one line per file and source
+
+
+def _out_is_a_file(tmp_path):
+    (tmp_path / "raw").write_text("kept")
+    return tmp_path / "raw", f"{tmp_path / 'raw'} is a file where a folder must be; remove it or name another path"
+
+
+def _out_in_a_read_only_folder(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o555)
+    return (
+        data / "raw",
+        f"{data}: permission denied for this user; make it writable (and readable), or name another path",
+    )
+
+
+@pytest.mark.parametrize("fault", [_out_is_a_file, _out_in_a_read_only_folder], ids=["a-file", "read-only-folder"])
+def test_an_out_folder_that_cannot_be_made_is_one_line_and_nothing_is_written(tmp_path, fault):
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps(full_params({"download": {"sources": [str(tmp_path / "nowhere")]}})))
+    out, said = fault(tmp_path)
+    before = {p: p.is_file() and p.read_bytes() for p in tmp_path.rglob("*")}
+    cmd = [*FILE_MODES_BIND, sys.executable, "-m", "pipeline.download", "--params", str(params), "--out", str(out)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        for folder in tmp_path.glob("data"):
+            folder.chmod(0o755)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {said}"]
+    assert {p: p.is_file() and p.read_bytes() for p in tmp_path.rglob("*")} == before
 
 
 def test_real_debian_package_matches_the_pinned_digests(tmp_path):
@@ -399,12 +429,6 @@ def test_a_multi_member_gzip_is_read_whole(tmp_path, payloads, files):
         (src / f"{name}.gz").write_bytes(gzip.compress(data[:half], mtime=0) + gzip.compress(data[half:], mtime=0))
     download_all([str(src)], tmp_path / "raw", timeout=5, files=files)
     assert {p.name: p.read_bytes() for p in (tmp_path / "raw").iterdir()} == payloads
-
-
-# Root reads any file whatever its mode, and CI runs as root: there, run as root without the capabilities to.
-FILE_MODES_BIND = (
-    ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
-)
 
 
 def download_in_a_process(sources: list[Path], out: Path, files: dict) -> subprocess.CompletedProcess:

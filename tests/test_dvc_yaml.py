@@ -113,7 +113,7 @@ def test_evaluate_runs_the_stages_own_command_line():
 
 
 def test_metrics_files_are_declared():
-    declared = [next(iter(m)) for s in STAGES.values() for m in s.get("metrics", [])]
+    declared = [m if isinstance(m, str) else next(iter(m)) for s in STAGES.values() for m in s.get("metrics", [])]
     assert declared == ["dvclive/train/metrics.json", "metrics/test.json"]
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -19,6 +24,7 @@ from pipeline.errors import (
     report,
     with_restore_hint,
 )
+from tests.conftest import REPO, child_env
 
 
 def test_a_pipeline_error_is_one_line_and_exit_2_and_a_stop_exit_143(capsys):
@@ -87,3 +93,87 @@ def test_under_dvc_every_line_says_how_the_last_good_outputs_come_back(monkeypat
     report("training diverged; lower train.lr", 2)
     assert capsys.readouterr().err == f"error: training diverged; lower train.lr; {RESTORE}\n"
     assert with_restore_hint("x", env={}) == "x"
+
+
+def _in_the_way(tmp_path):
+    (tmp_path / "out").write_text("kept")
+    return FileExistsError(errno.EEXIST, "", str(tmp_path / "out" / "raw")), "out is a file where a folder must be"
+
+
+def _dangling(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    return FileExistsError(errno.EEXIST, "", str(tmp_path / "out")), "out is a symlink to {tmp}/gone, which does"
+
+
+def _a_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    error = IsADirectoryError(errno.EISDIR, "", str(tmp_path / ".tmp-1-out"), str(tmp_path / "out"))
+    return error, "out is a folder where a file must be; remove it or"
+
+
+def _no_permission(tmp_path):
+    return PermissionError(errno.EACCES, "", str(tmp_path / "out")), ": permission denied for this user"
+
+
+@pytest.mark.parametrize(
+    "fault", [_in_the_way, _dangling, _a_folder, _no_permission], ids=["file-in-the-way", "dangling-symlink",
+                                                                      "folder-in-the-way", "no-permission"]
+)  # fmt: skip
+def test_an_os_error_about_a_path_is_one_line_naming_the_path_and_what_to_do(tmp_path, capsys, fault):
+    error, said = fault(tmp_path)
+
+    @cli
+    def fails() -> int:
+        raise error
+
+    with pytest.raises(SystemExit) as stop:
+        fails()
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path}") and said.format(tmp=tmp_path) in line, line
+    assert line.endswith("name another path"), line
+
+
+def test_an_os_error_about_no_path_keeps_its_traceback():
+    @cli
+    def fails() -> int:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        fails()
+
+
+# On the import of STALL_IMPORT, a stage's process marks STALL_READY and waits: Ctrl-C then lands inside that import.
+STALL = """
+import os, sys, time
+
+class Stall:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["STALL_IMPORT"]:
+            sys.meta_path.remove(self)
+            open(os.environ["STALL_READY"], "w").close()
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, Stall())
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "importing"),
+    [("pipeline.train", "torch"), ("pipeline.evaluate", "torch"), ("pipeline.download", "tqdm"),
+     ("pipeline.launch", "psutil"), ("scripts.predict", "torch")],
+    ids=["train", "evaluate", "download", "launch", "predict"],
+)  # fmt: skip
+def test_ctrl_c_while_a_stage_imports_is_one_line_and_exit_130(tmp_path, module, importing):
+    (tmp_path / "sitecustomize.py").write_text(STALL)  # Python imports it at startup, before the stage
+    ready = tmp_path / "ready"
+    env = child_env(PYTHONPATH=str(tmp_path), STALL_IMPORT=importing, STALL_READY=str(ready))
+    proc = subprocess.Popen([sys.executable, "-m", module], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err, out) == (130, "error: interrupted\n", "")

@@ -1,12 +1,14 @@
 import json
+import subprocess
 
 import pytest
 import torch
 
 from pipeline.dataset import CLASSES, load_split
-from pipeline.evaluate import main
+from pipeline.evaluate import command, main
 from pipeline.model import ModelConfig, build_model, load_artifact, save_artifact
 from pipeline.runtime import eval_loader, make_accelerator, predict
+from tests.conftest import FILE_MODES_BIND, REPO, child_env
 
 
 @pytest.fixture
@@ -144,4 +146,56 @@ def test_non_finite_logits_are_an_error_and_no_metrics_are_written(tmp_path, tin
         f"error: model {tmp_path / 'models'} gives NaN or infinite logits on 137 of 137 test samples; "
         "no metrics written; retrain: dvc repro --force train\n"
     )
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "eval").exists()
+
+
+def _out_is_a_folder(tmp_path):
+    (tmp_path / "metrics" / "test.json").mkdir(parents=True)
+    return f"{tmp_path / 'metrics' / 'test.json'} is a folder where a file must be; remove it or pass another --out"
+
+
+def _eval_dir_is_a_file(tmp_path):
+    (tmp_path / "eval").write_text("kept")
+    return f"{tmp_path / 'eval'} is a file where a folder must be; remove it or pass another --eval-dir"
+
+
+@pytest.mark.parametrize("fault", [_out_is_a_folder, _eval_dir_is_a_file], ids=["out-a-folder", "eval-dir-a-file"])
+def test_an_output_of_the_wrong_kind_is_one_line_before_anything_is_written(
+    tmp_path, tiny_raw, write_params, artifact, capsys, fault
+):
+    said, params = fault(tmp_path), write_params()
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as info:
+        run_eval(tmp_path, params, artifact)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: {said}\n"
+    assert sorted(tmp_path.rglob("*")) == before  # no metrics, no plots: nothing written
+
+
+def test_an_out_folder_this_user_cannot_write_is_one_line_before_scoring(tmp_path, tiny_raw, write_params, artifact):
+    locked = tmp_path / "metrics"
+    locked.mkdir(mode=0o555)
+    cmd = command(write_params(), tiny_raw, artifact, locked / "test.json", tmp_path / "eval")
+    try:
+        proc = subprocess.run([*FILE_MODES_BIND, *cmd], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: {locked}: permission denied for this user; make it writable (and "
+                                        "readable), or pass another --out"]  # fmt: skip
+    assert not any(locked.iterdir()) and not (tmp_path / "eval").exists()
+
+
+def test_an_artifact_that_lacks_its_model_name_is_one_line_before_anything_is_written(
+    tmp_path, tiny_raw, write_params, artifact, capsys
+):
+    config = artifact / "model.json"
+    meta = json.loads(config.read_text())
+    del meta["model"]["name"]
+    config.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as info:
+        run_eval(tmp_path, write_params(), artifact)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: {config} lacks model.name; retrain: dvc repro --force train\n"
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "eval").exists()

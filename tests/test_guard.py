@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ERROR_DIR_VAR, PipelineError
 from pipeline.guard import hold_checkpoint_dir, starters
-from tests.conftest import REPO
+from pipeline.train import Paths, command
+from tests.conftest import FILE_MODES_BIND, REPO, child_env, train_command
 
 HOLD = """
 import sys, time
@@ -114,3 +116,61 @@ def test_one_ctrl_c_interrupts_once_and_its_copies_cannot_break_into_the_unwindi
         assert unwound and signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # until the process ends
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def _read_only(checkpoints: Path) -> str:  # a folder used before (its lock file is there), read-only now
+    checkpoints.mkdir()
+    (checkpoints / ".lock").touch()
+    checkpoints.chmod(0o555)
+    return f"{checkpoints}: permission denied for this user; make it writable (and readable), or"
+
+
+def _dangling_symlink(checkpoints: Path) -> str:
+    checkpoints.symlink_to(checkpoints.parent / "gone")
+    return f"{checkpoints} is a symlink to {checkpoints.parent / 'gone'}, which does not exist; create it or"
+
+
+def _a_file(checkpoints: Path) -> str:
+    checkpoints.write_text("kept")
+    return f"{checkpoints} is a file where a folder must be; remove it or"
+
+
+@pytest.mark.parametrize("fault", [_read_only, _dangling_symlink, _a_file], ids=["read-only", "dangling", "a-file"])
+def test_a_checkpoint_folder_that_cannot_be_written_is_one_line_before_training(tiny_raw, write_params, fault):
+    params, checkpoints = write_params(), tiny_raw.parents[1] / "checkpoints"
+    said = fault(checkpoints)
+    before = {p.name: p.is_file() for p in checkpoints.parent.iterdir()}
+    cmd = [*FILE_MODES_BIND, *train_command(checkpoints.parent / "run", params, tiny_raw, checkpoints=checkpoints)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        if checkpoints.is_dir() and not checkpoints.is_symlink():
+            checkpoints.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"error: checkpoint folder: {said} pass another --checkpoint-dir"]
+    assert {p.name: p.is_file() for p in checkpoints.parent.iterdir()} == before  # no model, no metrics, nothing
+    assert not checkpoints.is_file() or checkpoints.read_text() == "kept"
+    assert not checkpoints.is_dir() or [p.name for p in checkpoints.iterdir()] == [".lock"]
+
+
+def test_a_run_whose_launcher_is_killed_stops_says_why_and_leaves_no_launcher_folder(tmp_path, tiny_raw, write_params):
+    params = write_params({"train": {"epochs": 1000}})  # far longer than the test waits
+    launch = [sys.executable, "-m", "pipeline.launch"]  # one process: its stderr is a pipe the launcher reads
+    cmd = command(params, Paths.under(tmp_path / "run", tiny_raw), launch, "--cpu-threads", "1")
+    env = child_env(HF_HOME=str(tmp_path / "no-accelerate-config"))
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert launcher.stdout is not None
+    while not launcher.stdout.readline().startswith("epoch "):  # training is under way
+        assert launcher.poll() is None, launcher.communicate()
+    (trainer,) = psutil.Process(launcher.pid).children()
+    folder = Path(trainer.environ()[ERROR_DIR_VAR])  # the launcher's, which it would remove as it ends
+    assert folder.is_dir()
+    launcher.kill()
+    _, err = launcher.communicate(timeout=30)  # at the end of the pipe, as dvc is: the trainer's stderr is gone
+    assert not trainer.is_running() or trainer.status() == psutil.STATUS_ZOMBIE, "the trainer trains on as an orphan"
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(rf"error: \S+ \(pid {launcher.pid}\), which started this run, has exited: stopping, not "
+                        "training on alone; run it again to resume from the newest checkpoint", line)  # fmt: skip
+    assert not folder.exists()
+    assert list((tmp_path / "run" / "checkpoints").glob("*/step-*"))  # what it trained is kept for the rerun

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launch import Failure, ended, exit_code, to_print, told, with_env_defaults
+from pipeline.launch import Failure, ended, exit_code, main, to_print, told, with_env_defaults
 from tests.conftest import REPO, child_env, free_port
 
 
@@ -143,3 +143,66 @@ def test_the_config_file_named_by_the_environment_is_used_spaces_and_all(tmp_pat
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in ready.iterdir()) == ["0", "1"]  # two processes: the file's setting
+
+
+def _missing(tmp_path):
+    return tmp_path / "none.yaml", "it does not exist"
+
+
+def _a_folder(tmp_path):
+    (tmp_path / "configs").mkdir()
+    return tmp_path / "configs", "it is not a file"
+
+
+def _not_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("num_processes: [2\n")
+    return tmp_path / "c.yaml", "while parsing a flow sequence"
+
+
+def _not_a_mapping(tmp_path):
+    (tmp_path / "c.yaml").write_text("- num_processes: 2\n")
+    return tmp_path / "c.yaml", "it is not a mapping of settings"
+
+
+def _unknown_key(tmp_path):
+    (tmp_path / "c.yaml").write_text((REPO / "scripts" / "accelerate" / "cpu-2proc.yaml").read_text() + "procs: 2\n")
+    return tmp_path / "c.yaml", "had unknown keys (['procs'])"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [_missing, _a_folder, _not_yaml, _not_a_mapping, _unknown_key],
+    ids=["missing", "a-folder", "not-yaml", "not-a-mapping", "unknown-key"],
+)
+def test_an_accelerate_config_it_cannot_use_is_one_line_naming_the_variable(tmp_path, monkeypatch, capsys, config):
+    path, said = config(tmp_path)
+    monkeypatch.setenv("ACCELERATE_CONFIG_FILE", str(path))
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(["-m", "tests.launched", "ok:all", str(ready)])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: ACCELERATE_CONFIG_FILE={path} is not an accelerate config a launch can use: ")
+    assert said in line and line.endswith("point ACCELERATE_CONFIG_FILE at another (`accelerate config --config_file` "
+                                          "writes one), or unset it")  # fmt: skip
+    assert not any(ready.iterdir())  # nothing was launched
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "said"),
+    [("PET_MAX_RESTARTS", "two", "PET_MAX_RESTARTS='two' is no count of restarts; set it to 0 or more, or unset it"),
+     ("PIPELINE_LAUNCH_VIA", 'srun "x', "PIPELINE_LAUNCH_VIA='srun \"x' is not a command line (No closing quotation)"),
+     ("LOGLEVEL", "loud", "LOGLEVEL='loud' is no log level; set it to one of CRITICAL, ")],
+    ids=["restarts", "via", "loglevel"],
+)  # fmt: skip
+def test_a_launch_variable_it_cannot_use_is_one_line(tmp_path, monkeypatch, capsys, var, value, said):
+    monkeypatch.setenv(var, value)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(["-m", "tests.launched", "ok:all", str(ready)])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {said}")
+    assert not any(ready.iterdir())  # nothing was launched

@@ -141,6 +141,33 @@ def test_missing_artifact_says_to_run_train(tmp_path):
         load_artifact(tmp_path)
 
 
+@pytest.mark.parametrize("fields", [["name"], ["mean", "std"]], ids=["name", "mean-and-std"])
+def test_an_artifact_config_that_lacks_a_field_is_refused_not_filled_with_a_default(tmp_path, fields):
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    for field in fields:
+        del meta["model"][field]
+    (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(meta))
+    lacks = ", ".join(f"model.{f}" for f in fields)
+    with pytest.raises(ModelArtifactError, match=rf"model\.json lacks {re.escape(lacks)}; retrain: dvc repro --force"):
+        load_artifact(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [(lambda config: config.mkdir(), r"model config: .*model\.json is a folder where a file must be; remove it or "
+                                     r"pass another --model-dir"),
+     (lambda config: config.write_bytes(b"\xff\xfe{}"), r"model\.json is not valid JSON \('utf-8' codec can't decode")],
+    ids=["a-folder", "not-utf8"],
+)  # fmt: skip
+def test_an_artifact_config_that_cannot_be_read_is_one_error(tmp_path, damage, match):
+    save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "m")
+    (tmp_path / "m" / CONFIG_FILE).unlink()
+    damage(tmp_path / "m" / CONFIG_FILE)
+    with pytest.raises(ModelArtifactError, match=match):
+        load_artifact(tmp_path / "m")
+
+
 def test_corrupt_weights_are_reported(tmp_path):
     save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "m")
     (tmp_path / "m" / WEIGHTS_FILE).write_bytes(b"not safetensors")

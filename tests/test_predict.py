@@ -87,6 +87,18 @@ def test_bad_inputs_get_one_line(tiny_raw, artifact, capsys, args, match):
     assert re.search(match, err)
 
 
+def test_an_out_that_names_a_folder_is_one_line_before_anything_runs(tmp_path, tiny_raw, artifact, capsys):
+    (tmp_path / "preds.csv").mkdir()
+    with pytest.raises(SystemExit) as info:
+        predict.main(["--model-dir", str(artifact[0]), "--data", str(tiny_raw), "--idx", "0", "--out",
+                      str(tmp_path / "preds.csv")])  # fmt: skip
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: {tmp_path / 'preds.csv'} is a folder where a file must be; remove it or pass "
+                            "another --out\n") and captured.out == ""  # fmt: skip
+    assert not any((tmp_path / "preds.csv").iterdir()) and not list(tmp_path.glob(".tmp-*"))
+
+
 def test_a_file_that_is_not_an_image_is_reported(tmp_path, artifact, capsys):
     path = tmp_path / "notes.png"
     path.write_text("hello")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -216,5 +217,45 @@ def test_a_killed_run_with_a_moving_average_resumes_bitwise(setup, tmp_path):
     cmd = train_command(out, params, raw)
     run_and_kill(cmd, out / "checkpoints", "mid-epoch")
     assert "resuming from" in run(cmd).stdout
+    assert (out / "models" / "model.safetensors").read_bytes() == (ref / "models" / "model.safetensors").read_bytes()
+    assert metrics(out) == metrics(ref)
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The training process of ``rank`` under ``launcher``."""
+    for p in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if p.environ().get("RANK") == str(rank) and "pipeline.train" in p.cmdline():
+                return p
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no rank {rank} under the launcher")
+
+
+def test_a_stopped_worker_ends_the_run_in_one_line_naming_it_and_the_rerun_resumes_bitwise(setup, reference):
+    root, raw, params = setup
+    out = root / "stalled-2"
+    cmd = train_command(out, params, raw, 2)
+    proc = subprocess.Popen(cmd, env=child_env(PIPELINE_STALL_TIMEOUT="10"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list((out / "checkpoints").glob("*/step-*")) and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    stopped = rank_process(proc, 1)
+    stopped.suspend()  # SIGSTOP: alive, silent, holding the group's next all-reduce
+    start = time.monotonic()
+    err = proc.communicate(timeout=120)[1]
+    assert time.monotonic() - start < 10 + 10, "the run did not end within the stall timeout"
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(
+        rf"error: the group waited 10 s \(PIPELINE_STALL_TIMEOUT\) for a process that stopped making progress: "
+        rf"rank 1 \(pid {stopped.pid} on .+\) silent for \d+ s; run it again to resume from the newest checkpoint",
+        errors[0],
+    ), errors[0]
+    assert proc.returncode == 1
+    resumed = run(cmd)
+    assert "resuming from" in resumed.stdout
+    ref = reference[2]
     assert (out / "models" / "model.safetensors").read_bytes() == (ref / "models" / "model.safetensors").read_bytes()
     assert metrics(out) == metrics(ref)

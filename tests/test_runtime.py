@@ -70,7 +70,7 @@ def test_a_world_size_with_a_master_address_but_no_launcher_is_refused_not_left_
         make_accelerator()
 
 
-def test_the_thread_count_comes_from_the_environment_unless_given(monkeypatch, capsys):
+def test_the_thread_count_comes_from_the_environment_unless_given(monkeypatch):
     import argparse
 
     from pipeline.runtime import CPU_THREADS_VAR, add_common_args
@@ -83,10 +83,16 @@ def test_the_thread_count_comes_from_the_environment_unless_given(monkeypatch, c
     assert parsed() == 0  # auto: the cores split across this host's processes
     monkeypatch.setenv(CPU_THREADS_VAR, "1")  # e.g. PIPELINE_CPU_THREADS=1 dvc queue start -j 2
     assert parsed() == 1 and parsed("--cpu-threads", "3") == 3
-    monkeypatch.setenv(CPU_THREADS_VAR, "two")
-    with pytest.raises(SystemExit):
+    monkeypatch.setenv(CPU_THREADS_VAR, "two")  # one line naming the variable, not argparse's usage
+    with pytest.raises(PipelineError, match=r"^PIPELINE_CPU_THREADS='two' is no count; set it to a whole number"):
         parsed()
-    assert "'two' (from --cpu-threads or $PIPELINE_CPU_THREADS) is no count" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("var", ["WORLD_SIZE", "LOCAL_WORLD_SIZE"])
+def test_a_process_count_in_the_environment_that_is_no_count_is_one_line_naming_it(monkeypatch, var):
+    monkeypatch.setenv(var, "two")
+    with pytest.raises(PipelineError, match=rf"^{var}='two' is no count; set it to a whole number \(0 or more\)"):
+        make_accelerator()
 
 
 def test_a_run_under_a_dvc_queue_counts_the_workers_of_its_own_queue(tmp_path):

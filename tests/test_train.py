@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,42 @@ def test_missing_data_says_run_download(tmp_path, write_params, monkeypatch, cap
     with pytest.raises(SystemExit):
         run_train(tmp_path, write_params())
     assert "is missing; run `dvc repro download`" in capsys.readouterr().err
+
+
+def _model_dir_is_a_file(tmp_path):
+    (tmp_path / "models").write_text("kept")
+    return f"{tmp_path / 'models'} is a file where a folder must be; remove it or pass another --model-dir"
+
+
+def _live_dir_is_a_dangling_symlink(tmp_path):
+    (tmp_path / "live").symlink_to(tmp_path / "gone")
+    gone = tmp_path / "gone"
+    return f"{tmp_path / 'live'} is a symlink to {gone}, which does not exist; create it or pass another --live-dir"
+
+
+def _data_is_a_file(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    shutil.rmtree(raw)
+    raw.write_text("kept")
+    return f"data: {raw} is a file where a folder must be; remove it or pass another --data"
+
+
+@pytest.mark.parametrize(
+    "fault", [_model_dir_is_a_file, _live_dir_is_a_dangling_symlink, _data_is_a_file],
+    ids=["model-dir-a-file", "live-dir-dangling", "data-a-file"],
+)  # fmt: skip
+def test_a_path_the_stage_cannot_use_is_one_line_before_training(
+    tmp_path, tiny_raw, write_params, monkeypatch, capsys, fault
+):
+    monkeypatch.chdir(tmp_path)
+    said, params = fault(tmp_path), write_params()
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as info:
+        run_train(tmp_path, params)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: {said}\n"
+    made = {p.relative_to(tmp_path) for p in set(tmp_path.rglob("*")) - before}
+    assert made <= {Path("checkpoints"), Path("checkpoints/.lock")}  # nothing trained or written but the lock
 
 
 @pytest.mark.parametrize("choice", ["best", "last"])
