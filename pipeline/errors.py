@@ -24,6 +24,8 @@ F = TypeVar("F", bound=Callable[..., int | None])
 ERROR_DIR_VAR = "PIPELINE_ERROR_DIR"
 LAUNCHER_PID_VAR = "PIPELINE_LAUNCHER_PID"
 ERROR_DIR_PREFIX = "pipeline-launch-"  # the launcher's error folder is a temporary folder of this name
+# set by pipeline.launch when its stderr is a terminal: its processes' stderr may be a pipe that it passes on live
+TERMINAL_VAR = "PIPELINE_TERMINAL"
 DVC_STAGE_VAR = "DVC_STAGE"  # set by DVC in every stage command it runs
 # DVC removes a stage's outputs before its command runs; every output is cached (dvc.yaml), and dvc.lock keeps the
 # hashes of the last run that succeeded, so this brings that run's outputs back, byte for byte

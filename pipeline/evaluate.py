@@ -69,7 +69,8 @@ class Scored:
     info: dict[str, Any]  # the artifact's JSON
     classes: tuple[str, ...]  # as the artifact names them
     counts: torch.Tensor  # confusion matrix: rows are true classes
-    metrics: dict[str, Any]  # metrics/test.json's "test" section
+    metrics: dict[str, Any]  # metrics/test.json's "test" section: accuracy, loss, samples
+    per_class: dict[str, float]  # accuracy by class name: eval/per_class.csv, a plot rather than a metric
     tta: str  # the test-time augmentation the predictions used (evaluate.tta)
 
 
@@ -99,21 +100,20 @@ def score(accelerator: Accelerator, model_dir: Path, data: Path, params: Params)
         "accuracy": report["accuracy"],
         "loss": round(float(got.losses.double().mean()), 6),
         "samples": report["samples"],
-        "per_class": report["per_class_accuracy"],
     }
-    return Scored(test, got, info, classes, counts, metrics, params.evaluate.tta)
+    return Scored(test, got, info, classes, counts, metrics, report["per_class_accuracy"], params.evaluate.tta)
 
 
 def write_outputs(scored: Scored, out: Path, eval_dir: Path) -> None:
     """The metrics file and what `dvc plots` draws: confusion counts, per-sample and per-class tables, a grid."""
     s = scored
-    write_json(out, {"test": s.metrics})  # namespaced: `dvc exp show` columns read test.accuracy, test.per_class.*
+    write_json(out, {"test": s.metrics})  # namespaced: `dvc exp show` columns read test.accuracy, test.loss
     confusion = {"classes": list(s.classes), "rows": "true class", "columns": "predicted class"}
     write_json(eval_dir / "confusion.json", {**confusion, "counts": s.counts.tolist()})
     with atomic_path(eval_dir / "predictions.csv") as tmp:
         write_predictions_csv(tmp, s.got, s.classes)
     with atomic_path(eval_dir / "per_class.csv") as tmp:
-        write_per_class_csv(tmp, s.metrics["per_class"])
+        write_per_class_csv(tmp, s.per_class)
     with atomic_path(eval_dir / "misclassified.png") as tmp:
         label_grid(*misclassified(s.test.images, s.got.labels, s.got.preds, s.classes)).save(tmp, format="PNG")
 
@@ -124,7 +124,7 @@ def summary(scored: Scored, model_dir: Path, out: Path, eval_dir: Path, seconds:
     val = f"{val:.4f}" if isinstance(val, int | float) else val
     tta = "" if scored.tta == "none" else f", {scored.tta} test-time augmentation"
     counted = f"loss {metrics['loss']:.4f}, {metrics['samples']} samples{tta}"
-    worst = sorted(metrics["per_class"].items(), key=lambda kv: kv[1])[:3]
+    worst = sorted(scored.per_class.items(), key=lambda kv: kv[1])[:3]
     return summary_table(
         [
             ("model", f"{model_dir}/ ({info['model']['name']}, {info.get('final_model', '?')} weights of "

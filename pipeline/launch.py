@@ -37,7 +37,15 @@ from types import FrameType
 
 import psutil
 
-from pipeline.errors import ERROR_DIR_PREFIX, ERROR_DIR_VAR, LAUNCHER_PID_VAR, PipelineError, cli, with_restore_hint
+from pipeline.errors import (
+    ERROR_DIR_PREFIX,
+    ERROR_DIR_VAR,
+    LAUNCHER_PID_VAR,
+    TERMINAL_VAR,
+    PipelineError,
+    cli,
+    with_restore_hint,
+)
 
 # options a dvc.yaml command cannot take from the user, taken from the environment when not given:
 # the accelerate config, and torchrun's own variable for --max-restarts (restarts of a group that lost a worker)
@@ -270,13 +278,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix=ERROR_DIR_PREFIX) as folder:
             os.environ.update({ERROR_DIR_VAR: folder, LAUNCHER_PID_VAR: str(os.getpid())})
+            if sys.stderr.isatty():  # accelerate passes a process's stderr on live: a progress bar still shows
+                os.environ[TERMINAL_VAR] = "1"
             unexplained = launch(args)  # empty when the launch succeeded (after restarts, maybe)
             failures = (
                 with_blame({**unexplained, **told(Path(folder))}) if unexplained else {}
             )  # a line over how it ended
     finally:
         signal.signal(signal.SIGINT, previous)
-        for var in (ERROR_DIR_VAR, LAUNCHER_PID_VAR):
+        for var in (ERROR_DIR_VAR, LAUNCHER_PID_VAR, TERMINAL_VAR):
             os.environ.pop(var, None)
     ended_as = list(failures.values())
     echo = os.environ.get(NODE_VAR) and all(f.consequence for f in causes(ended_as))  # another node's failure's

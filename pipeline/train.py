@@ -38,7 +38,7 @@ from pipeline.checkpoint import (
     remove_run,
 )
 from pipeline.dataset import CLASSES, Split, load_split, train_val_split
-from pipeline.errors import DataError, PipelineError, cli
+from pipeline.errors import DVC_STAGE_VAR, DataError, PipelineError, cli
 from pipeline.files import check_outputs
 from pipeline.guard import Stopper, hold_checkpoint_dir, starters
 from pipeline.memory import activation_bytes, available_memory, check_batch_fits, out_of_memory
@@ -312,26 +312,24 @@ def export(trainer: Trainer, parts: Parts, model_dir: Path, keep_state: bool) ->
     final_val = state.best_val if use_best else state.history[-1]["accuracy/val"]
     if accelerator.is_main_process:
         final = trainer.best if use_best and trainer.best is not None else trainer.result()
-        if trainer.live:
-            accelerator.get_tracker("dvclive", unwrap=True).summary.update(
-                {
-                    "best_val_accuracy": state.best_val,
-                    "final_model": cfg.final_model,
-                    "final_model_epoch": final_epoch + 1,
-                    "final_model_val_accuracy": final_val,
-                    "processes": accelerator.num_processes,
-                }
-            )
         out = build_model(parts.model_cfg)
         out.load_state_dict(final)
         provenance = {"fingerprint": parts.key.fingerprint(), **parts.key.to_json()}
         provenance.update(environment(accelerator.device, accelerator.mixed_precision))
-        extra = {"final_model": cfg.final_model, "epoch": final_epoch + 1, "val_accuracy": final_val}
+        extra = {"final_model": cfg.final_model, "epoch": final_epoch + 1, "val_accuracy": final_val,
+                 "best_val_accuracy": state.best_val, "best_epoch": state.best_epoch + 1}  # fmt: skip
         save_artifact(out, parts.model_cfg, model_dir, extra={**extra, "provenance": provenance})
         if not keep_state:  # the model is written, so the run's state is no longer needed
             remove_run(trainer.run_dir)
     accelerator.end_training()
     return final_epoch, final_val
+
+
+def next_step(model_dir: Path) -> str:
+    """What to run next: under DVC the evaluate stage follows by itself; by hand, evaluate is the user's to run."""
+    if os.environ.get(DVC_STAGE_VAR):
+        return "the evaluate stage scores the test set; then dvc metrics show, dvc plots show"
+    return f"python -m pipeline.evaluate --model-dir {model_dir} (test accuracy)"
 
 
 def train_and_export(
@@ -365,7 +363,7 @@ def train_and_export(
                 ("time", f"{time.perf_counter() - start:.1f}s in this run"),
                 ("artifacts", f"{paths.model_dir}/, {paths.live_dir}/ (metrics, curves, train_samples.png); "
                               f"{trainer.run_dir} {'kept' if keep_state else 'removed (finished)'}"),
-                ("next", "dvc repro evaluate (test accuracy), dvc plots show"),
+                ("next", next_step(paths.model_dir)),
             ]
         ),
     )  # fmt: skip

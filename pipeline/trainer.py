@@ -7,6 +7,7 @@ restores them, and hands them over prepared; the trainer steps them and saves ch
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from pipeline.batches import augment, rank_batches, steps_per_epoch, to_input
 from pipeline.checkpoint import EpochSums, TrainState, save_checkpoint
 from pipeline.dataset import CLASSES, Split
-from pipeline.errors import DataError
+from pipeline.errors import TERMINAL_VAR, DataError
 from pipeline.metrics import classification_report, confusion_matrix
 from pipeline.params import TrainParams
 from pipeline.runtime import predict, say
@@ -55,10 +56,19 @@ def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
 
 
 # Logged per epoch into the curves (DVCLive's TSVs) but kept out of metrics.json, so that `dvc metrics diff`
-# shows results alone: timings change on every run, and lr only traces the schedule (it ends near 0).
-TRACES = frozenset({"lr", "epoch_time_s", "samples_per_s", "peak_gpu_memory_mb"})
+# shows held-out results alone: the training set's loss and accuracy are how the fit went, not a result; timings
+# change on every run; lr only traces the schedule (it ends near 0).
+TRACES = frozenset({"loss/train", "accuracy/train", "lr", "epoch_time_s", "samples_per_s", "peak_gpu_memory_mb"})
 DIVERGENCE_CHECK = 25  # steps between looks at the loss (each waits for the device)
 LOSS, CORRECT, SAMPLES = range(len(fields(EpochSums)))  # EpochSums' fields, as positions in Trainer.sums
+
+
+def forget(summary: dict, name: str) -> None:
+    """Drop metric ``name`` from a DVCLive summary, which nests ``loss/train`` as ``summary["loss"]["train"]``."""
+    *parents, leaf = name.split("/")
+    for key in parents:
+        summary = summary[key]
+    summary.pop(leaf)
 
 
 class Trainer:
@@ -121,7 +131,8 @@ class Trainer:
         )
 
     def progress_bar(self, epoch: int) -> tqdm:
-        """A live bar on a terminal; logs (CI, ``dvc repro > file``) get only the one line per epoch."""
+        """A live bar on a terminal (also through pipeline.launch, which passes stderr on live); logs (CI,
+        ``dvc repro > file``) get only the one line per epoch."""
         cfg = self.cfg
         return tqdm(
             total=self.steps * cfg.batch_size,
@@ -130,7 +141,7 @@ class Trainer:
             unit="sample",
             unit_scale=True,
             leave=False,
-            disable=not (self.accelerator.is_main_process and sys.stderr.isatty()),
+            disable=not (self.accelerator.is_main_process and (sys.stderr.isatty() or os.environ.get(TERMINAL_VAR))),
         )
 
     def step(self, idx: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -223,9 +234,9 @@ class Trainer:
         if self.live and self.accelerator.is_main_process:
             live = self.accelerator.get_tracker("dvclive", unwrap=True)
             live.step = step
-            for name in TRACES & row.keys():
+            for name in sorted(TRACES & row.keys()):
                 live.log_metric(name, row[name])
-                live.summary.pop(name)
+                forget(live.summary, name)
         self.accelerator.log({k: v for k, v in row.items() if k not in TRACES}, step=step)
 
     def end_epoch(self, row: dict[str, float], val_accuracy: float) -> None:

@@ -206,3 +206,39 @@ def test_a_launch_variable_it_cannot_use_is_one_line(tmp_path, monkeypatch, caps
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {said}")
     assert not any(ready.iterdir())  # nothing was launched
+
+
+def run_in_a_terminal(cmd: list[str], cwd: Path) -> str:
+    """Run ``cmd`` with a pseudo-terminal for its stdout and stderr, as a user's shell does; what it wrote."""
+    import pty
+
+    parent, child = pty.openpty()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL, stdout=child, stderr=child)
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(parent, 65536)
+        except OSError:  # the terminal closed: the process and its children are done
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=120)
+    os.close(parent)
+    assert proc.returncode == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_a_terminal_sees_a_live_progress_bar_through_the_launcher_and_a_log_sees_none(tmp_path, tiny_raw, write_params):
+    params = write_params({"train": {"epochs": 2, "batch_size": 4}})  # 50 steps an epoch
+    stage = ["-m", "pipeline.train", "--params", str(params), "--data", str(tiny_raw),
+             "--model-dir", str(tmp_path / "m"), "--live-dir", str(tmp_path / "l"),
+             "--checkpoint-dir", str(tmp_path / "c"), "--cpu-threads", "1"]  # fmt: skip
+    shown = run_in_a_terminal([sys.executable, "-m", "pipeline.launch", *stage], tmp_path)
+    assert "\r" in shown and "epoch 1/2:" in shown and "sample/s" in shown, shown  # tqdm's bar, redrawn
+    assert "epoch 2/2  train loss" in shown  # and the epoch's line
+    logged = subprocess.run([sys.executable, "-m", "pipeline.launch", *stage, "--fresh"], cwd=tmp_path,
+                            env=child_env(), capture_output=True, text=True)  # fmt: skip
+    assert logged.returncode == 0 and "sample/s" not in logged.stdout + logged.stderr
+    assert "epoch 2/2  train loss" in logged.stdout
