@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One short, prepared GPU check for a lent GPU machine (torch, accelerate preinstalled; no dvc needed):
-#   1. scripts/benchmark.py on the GPU: throughput of the seed tutorial loop and every speed option, the
+#   1. bench/benchmark.py on the GPU: throughput of the seed tutorial loop and every speed option, the
 #      data path's share of a step, then the seed loop's 10 epochs and the default, fast and beyond
 #      recipes over seeds 0 1 2 with their time to 90% / 91% / 93.5% / 94.5% test accuracy;
 #   2. the train stage under `accelerate launch` on 1 GPU with train.mixed_precision=bf16 (params decide the
@@ -20,13 +20,13 @@ mkdir -p "$OUT"
 } 2>&1 | tee "$OUT/machine.txt"
 
 # 1a. throughput of every variant (one round: a lent GPU is not shared) and the data path's share of a step
-timeout "${THROUGHPUT_LIMIT:-150}" python -m scripts.benchmark --parts throughput datapath --repeats 1 ${BENCH_ARGS:-} \
+timeout "${THROUGHPUT_LIMIT:-150}" python -m bench.benchmark --parts throughput datapath --repeats 1 ${BENCH_ARGS:-} \
   --out "$OUT/gpu-throughput.json" > "$OUT/throughput.md" 2> "$OUT/throughput.log"
 echo "throughput exit $?" | tee -a "$OUT/summary.txt"
 cat "$OUT/throughput.md"
 # 1b. time to accuracy: the seed loop's 10 epochs, then each recipe over seeds 0 1 2. Every finished job is
 # also a JSON line in accuracy.log, so a timeout still leaves what ran.
-timeout "${ACCURACY_LIMIT:-340}" python -m scripts.benchmark --parts accuracy --seeds 0 1 2 --targets 0.90 0.91 0.935 0.945 \
+timeout "${ACCURACY_LIMIT:-340}" python -m bench.benchmark --parts accuracy --seeds 0 1 2 --targets 0.90 0.91 0.935 0.945 \
   ${BENCH_ARGS:-} --out "$OUT/gpu-accuracy.json" > "$OUT/accuracy.md" 2> "$OUT/accuracy.log"
 echo "accuracy exit $?" | tee -a "$OUT/summary.txt"
 cat "$OUT/accuracy.md"

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from scripts.bench_report import markdown, merge_rounds, retarget, summarise
+from bench.bench_report import markdown, merge_rounds, retarget, summarise
 
 
 def test_time_to_target_ratios_and_the_seed_loop_that_never_gets_there():

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from bench.bench_stage import at_batch, recipe_params
+from bench.benchmark import OPTIONS, RECIPES, SPEED_ROWS, Job, plan
 from pipeline.params import with_changes
-from scripts.bench_stage import at_batch, recipe_params
-from scripts.benchmark import OPTIONS, RECIPES, SPEED_ROWS, Job, plan
 from tests.conftest import REPO, write_raw
 
 
@@ -44,7 +44,7 @@ def test_quick_benchmark_reports_options_and_recipes_against_the_seed_loop(tmp_p
     raw = write_raw(tmp_path / "raw", n_train=1600, n_test=500)
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.benchmark", "--quick", "--data", str(raw), "--out", str(out),
+        [sys.executable, "-m", "bench.benchmark", "--quick", "--data", str(raw), "--out", str(out),
          "--targets", "0.05", "0.5", "--options", "bf16-b512", "--recipes", "beyond"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
@@ -89,7 +89,7 @@ def test_a_saved_report_prints_again_with_other_targets_without_measuring(tmp_pa
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps({"throughput": {}, "accuracy": {"seed": row}, "datapath": {}, "machine": machine}))
     out = tmp_path / "again.json"
-    run = [sys.executable, "-m", "scripts.benchmark", "--data", str(tmp_path / "none"), "--report"]
+    run = [sys.executable, "-m", "bench.benchmark", "--data", str(tmp_path / "none"), "--report"]
     proc = subprocess.run([*run, str(saved), "--targets", "0.94", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -103,7 +103,7 @@ def test_a_saved_report_prints_again_with_other_targets_without_measuring(tmp_pa
 
 def test_benchmark_without_data_says_what_to_run(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.benchmark", "--quick", "--data", str(tmp_path)],
+        [sys.executable, "-m", "bench.benchmark", "--quick", "--data", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 1 and "run `dvc repro download`" in proc.stderr
@@ -114,7 +114,7 @@ def test_step_profile_splits_seed_loop_time_and_groups_pipeline_ops(tmp_path):
     raw = write_raw(tmp_path / "raw", n_train=3200, n_test=10)
     out = tmp_path / "profile.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.profile_step", "--steps", "4", "--data", str(raw),
+        [sys.executable, "-m", "bench.profile_step", "--steps", "4", "--data", str(raw),
          "--batches", "64", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -152,7 +152,7 @@ def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(base))
     out = tmp_path / "results" / "check.json"  # its folder is made
-    cmd = [sys.executable, "-m", "scripts.recipe_check", "--params", str(params), "--data", str(raw)]
+    cmd = [sys.executable, "-m", "bench.recipe_check", "--params", str(params), "--data", str(raw)]
     proc = subprocess.run(
         [*cmd, "--recipe", "fast", "--set", "train.epochs=1", "--seeds", "0", "1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -170,7 +170,7 @@ def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path
 
 
 def test_recipe_check_ends_a_failed_stage_in_one_line_without_a_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "scripts.recipe_check", "--data", str(tmp_path), "--seeds", "0"]
+    cmd = [sys.executable, "-m", "bench.recipe_check", "--data", str(tmp_path), "--seeds", "0"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert (
@@ -188,7 +188,7 @@ def test_recipe_check_ends_a_failed_stage_in_one_line_without_a_traceback(tmp_pa
 def test_a_scaling_row_trains_on_its_processes_or_at_its_batch(tmp_path, variant):
     raw = write_raw(tmp_path / "raw", n_train=1600, n_test=10)
     job = Job("scaling", variant).to_json()
-    proc = subprocess.run([sys.executable, "-m", "scripts.benchmark", "--job", job, "--quick", "--data", str(raw)],
+    proc = subprocess.run([sys.executable, "-m", "bench.benchmark", "--job", job, "--quick", "--data", str(raw)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout.strip().splitlines()[-1])  # as the stage recorded the run (models/model.json)

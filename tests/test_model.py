@@ -249,7 +249,7 @@ def test_input_statistics_that_break_the_input_are_refused(tmp_path, fields, sai
 
 
 def predict_command(model_dir, data, out) -> list[str]:
-    return [sys.executable, "-m", "scripts.predict", "--model-dir", str(model_dir), "--data", str(data),
+    return [sys.executable, "-m", "pipeline.predict", "--model-dir", str(model_dir), "--data", str(data),
             "--idx", "0", "--out", str(out / "predictions.json")]  # fmt: skip
 
 

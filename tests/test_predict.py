@@ -2,16 +2,20 @@ import csv
 import json
 import re
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from pipeline import predict
 from pipeline.batches import to_input
 from pipeline.dataset import CLASSES, load_split
 from pipeline.model import CONFIG_FILE, ModelConfig, build_model, save_artifact
-from scripts import predict
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -299,3 +303,15 @@ def test_non_finite_probabilities_are_refused_and_nothing_written(tmp_path, tiny
         "(2 of 2 inputs); retrain: dvc repro --force train\n"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["fashion-predict"], ["fashion-benchmark"], [sys.executable, "-m", "scripts.predict"]],
+    ids=["fashion-predict", "fashion-benchmark", "python-m-scripts-predict"],
+)
+def test_the_console_commands_and_the_module_form_answer_help(command):
+    if command[0].startswith("fashion-"):
+        command = [str(Path(sys.executable).parent / command[0])]  # installed by `pip install -e .`
+    proc = subprocess.run([*command, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: "), proc.stderr

@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from scripts.step_variants import variant_model
+from bench.step_variants import variant_model
 from tests.conftest import REPO
 
 
@@ -41,7 +41,7 @@ def test_the_inplace_variant_puts_every_relu_in_place_and_computes_the_same():
 def test_the_timing_script_reports_each_variant_against_base(tmp_path):
     out = tmp_path / "variants.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.step_variants", "--variants", "base", "inplace", "pool_first",
+        [sys.executable, "-m", "bench.step_variants", "--variants", "base", "inplace", "pool_first",
          "--precisions", "fp32", "bf16", "--batch", "16", "--rounds", "2", "--steps", "2", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

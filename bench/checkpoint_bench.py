@@ -1,4 +1,4 @@
-"""Time a full checkpoint save and load of the default model: ``python -m scripts.checkpoint_bench``.
+"""Time a full checkpoint save and load of the default model: ``python -m bench.checkpoint_bench``.
 
 Saves model, best weights, AdamW and one-cycle state and the train state the way
 training does (atomically, fsync'd), ``--repeat`` times, and prints the median.

@@ -1,4 +1,4 @@
-"""The benchmark's numbers and tables: pure functions of the measured rows, no I/O (``scripts/benchmark.py``).
+"""The benchmark's numbers and tables: pure functions of the measured rows, no I/O (``bench/benchmark.py``).
 
 Rows are plain dicts as the benchmark's jobs return them; nothing here changes its inputs.
 """

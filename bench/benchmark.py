@@ -1,11 +1,11 @@
-"""Speed and time-to-accuracy against the seed tutorial's loop, in one run: ``python -m scripts.benchmark [--quick]``.
+"""Speed and time-to-accuracy against the seed tutorial's loop, in one run: ``python -m bench.benchmark [--quick]``.
 
 Two parts, each variant in its own process (so peak memory is its own), on the same machine:
 
 **throughput** (``--samples`` training images per epoch, 2 epochs, the second one timed; ``--repeats``
 rounds of every variant in turn, reported as medians, each ratio to the seed loop paired by round):
 
-- ``seed``: the tutorial's loop, faithfully (``scripts/seed_loop.py``);
+- ``seed``: the tutorial's loop, faithfully (``bench/seed_loop.py``);
 - ``default``: this project's train stage (``pipeline.train``) at params.yaml's recipe;
 - one row per speed option on top of it: ``nchw`` (channels_last off), ``bf16``, ``foreach``
   and ``fused`` AdamW kernels, ``compile`` (torch.compile; its first epoch pays the compile),
@@ -27,9 +27,9 @@ learning rate scaled by the square root of the batch. ``--batches`` adds accurac
 of each recipe at those global batches: what the larger batches cost in accuracy.
 
 Also profiles the device data path (index, flip, translate, cutout, to float) against the measured
-step time. Results go to ``--out`` as JSON and to stdout as Markdown tables (``scripts/bench_report.py``);
+step time. Results go to ``--out`` as JSON and to stdout as Markdown tables (``bench/bench_report.py``);
 ``--report JSON --targets ...`` prints a saved run's tables again for other targets, measuring nothing.
-The jobs that drive the train stage are in ``scripts/bench_stage.py``.
+The jobs that drive the train stage are in ``bench/bench_stage.py``.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ from typing import Any, Literal
 
 import torch
 
+from bench.bench_report import markdown, merge_rounds, retarget, summarise
+from bench.bench_stage import QUICK, SCALING, profile_data_path, run_option, run_recipe, run_scaling
+from bench.seed_loop import run_seed
 from pipeline.files import write_json
 from pipeline.provenance import cpu_model
 from pipeline.runtime import CPU_THREADS_VAR, cpu_threads_for
-from scripts.bench_report import markdown, merge_rounds, retarget, summarise
-from scripts.bench_stage import QUICK, SCALING, profile_data_path, run_option, run_recipe, run_scaling
-from scripts.seed_loop import run_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,7 +238,7 @@ def main() -> int:
     results: dict[str, dict] = {part: {} for part in PARTS}
     rounds: dict[str, list[dict]] = {}  # throughput variant -> one result per round
     for job in plan(args):
-        cmd = [sys.executable, "-m", "scripts.benchmark", "--job", job.to_json(), "--data", str(data),
+        cmd = [sys.executable, "-m", "bench.benchmark", "--job", job.to_json(), "--data", str(data),
                "--samples", str(samples), *(["--quick"] if args.quick else [])]  # fmt: skip
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:

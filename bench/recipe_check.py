@@ -1,4 +1,4 @@
-"""Measure a recipe's test accuracy over several seeds: ``python -m scripts.recipe_check [--recipe fast]``.
+"""Measure a recipe's test accuracy over several seeds: ``python -m bench.recipe_check [--recipe fast]``.
 
 Runs the train and evaluate stages (as subprocesses, exactly as DVC would, without
 touching the workspace's outputs) once per seed on params.yaml (with ``recipes/<name>.yaml``

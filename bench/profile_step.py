@@ -1,4 +1,4 @@
-"""Where a training step's time goes: ``python -m scripts.profile_step [--steps 60] [--out benchmarks/profile.json]``.
+"""Where a training step's time goes: ``python -m bench.profile_step [--steps 60] [--out benchmarks/profile.json]``.
 
 Three measurements on the same machine, in one process:
 
@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.seed_loop import Net, seed_datasets
 from pipeline.batches import augment, rank_batches, to_input
 from pipeline.dataset import load_split
 from pipeline.files import write_json
 from pipeline.model import ModelConfig, build_model
-from scripts.seed_loop import Net, seed_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 

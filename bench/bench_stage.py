@@ -19,13 +19,13 @@ from typing import Any, get_args
 
 import torch
 
+from bench.seed_loop import accuracy_on, sync
 from pipeline.batches import augment, rank_batches, to_input
 from pipeline.checkpoint import list_checkpoints, list_runs, read_checkpoint
 from pipeline.dataset import load_split
 from pipeline.model import ModelConfig, build_model
 from pipeline.params import ModelName, Params, TrainParams, load_params, read_yaml, save_params, with_changes
 from pipeline.train import Paths, command
-from scripts.seed_loop import accuracy_on, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 # --quick (a smoke run of every job, for tests): its sizes, in one place

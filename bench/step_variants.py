@@ -1,4 +1,4 @@
-"""The tutorial CNN's training step under variants the default does not use: ``python -m scripts.step_variants``.
+"""The tutorial CNN's training step under variants the default does not use: ``python -m bench.step_variants``.
 
 What the issue asked to measure before changing anything, on the stage's step (channels_last, AdamW,
 label smoothing, fp32 or bf16 autocast, a random uint8 batch turned into floats as the stage does):
