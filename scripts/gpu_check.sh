@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# One short, prepared GPU check for a lent GPU machine (torch, accelerate preinstalled; no dvc needed):
+# The GPU check, for any GPU host with torch and accelerate installed (dvc is not needed):
 #   1. bench/benchmark.py on the GPU: throughput of the seed tutorial loop and every speed option, the
 #      data path's share of a step, then the seed loop's 10 epochs and the default, fast and beyond
 #      recipes over seeds 0 1 2 with their time to 90% / 91% / 93.5% / 94.5% test accuracy;
 #   2. the train stage under `accelerate launch` on 1 GPU with train.mixed_precision=bf16 (params decide the
 #      precision; a launcher flag that contradicts them is refused), then the evaluate stage: wall time and
 #      test accuracy.
-# Needs data/raw (carry it). Writes everything under $OUT; each part has its own time limit, together
-# 565 s, inside one 600 s device command.
+# Needs data/raw. Writes everything under $OUT; each part has its own time limit, together under ten minutes.
 # Usage: OUT=/tmp/gpu bash scripts/gpu_check.sh
 # Dry run of the plumbing on any machine: BENCH_ARGS=--quick PARAMS=tiny.yaml OUT=/tmp/g bash scripts/gpu_check.sh
 set -uo pipefail
@@ -19,7 +18,7 @@ mkdir -p "$OUT"
   python -c "import dvclive" 2>/dev/null && echo "dvclive present" || echo "dvclive absent (train prints metrics only)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-# 1a. throughput of every variant (one round: a lent GPU is not shared) and the data path's share of a step
+# 1a. throughput of every variant (one round: a GPU host running nothing else) and the data path's share of a step
 timeout "${THROUGHPUT_LIMIT:-150}" python -m bench.benchmark --parts throughput datapath --repeats 1 ${BENCH_ARGS:-} \
   --out "$OUT/gpu-throughput.json" > "$OUT/throughput.md" 2> "$OUT/throughput.log"
 echo "throughput exit $?" | tee -a "$OUT/summary.txt"
