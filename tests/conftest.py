@@ -31,7 +31,13 @@ SHARED_SESSION = {"tests/test_dvc_record.py": "dvc-repo", "tests/test_pipeline_e
 
 # The longest scopes, by measured duration (pytest --durations): handed out first, so that no worker starts one
 # of them while the other runs out of work.
-LONGEST_FIRST = ("dvc-repo", "tests/test_resume.py", "tests/test_benchmark.py", "tests/test_distributed.py")
+LONGEST_FIRST = (
+    "tests/test_docs.py",
+    "dvc-repo",
+    "tests/test_resume.py",
+    "tests/test_benchmark.py",
+    "tests/test_distributed.py",
+)
 
 
 def scope_of(nodeid: str) -> str:

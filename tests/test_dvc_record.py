@@ -186,7 +186,7 @@ def outputs(repo: Path) -> dict[str, bytes]:
     ],
     ids=["bad-param", "divergence"],
 )  # fmt: skip
-def test_a_failed_exp_run_after_an_uncommitted_good_run_loses_nothing_that_dvc_checkout_cannot_restore(repo, bad, says):
+def test_a_failed_run_after_an_uncommitted_good_one_loses_nothing_that_dvc_checkout_restores(repo, bad, says):
     set_params(repo, {"train": {"lr": 0.004}})
     sh(repo, "dvc", "repro")  # a good run, never committed
     good = outputs(repo)

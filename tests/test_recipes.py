@@ -40,9 +40,9 @@ def test_recipe_merged_over_params_is_valid(path):
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_command_in_file_and_readme_sets_exactly_the_recipe(path):
+def test_recipe_command_in_file_and_guide_sets_exactly_the_recipe(path):
     text = path.read_text()
     line = exp_run_line(text)
     assert set_params(line) == overrides(yaml.safe_load(text))
     assert f"-n {path.stem} " in line
-    assert line in (REPO / "README.md").read_text(), f"README does not show `{line}`"
+    assert line in (REPO / "docs" / "recipes.md").read_text(), f"docs/recipes.md does not show `{line}`"
