@@ -210,6 +210,23 @@ FAULT_TESTS = {
         "test_evaluate.py::test_non_finite_logits_are_an_error_and_no_metrics_are_written"
     ),
     "an image bomb given to predict": "test_predict.py::test_a_huge_image_is_refused_before_decoding",
+    "a read-only, dangling or file `checkpoints/`": (
+        "test_guard.py::test_a_checkpoint_folder_that_cannot_be_written_is_one_line_before_training"
+    ),
+    "`--out` naming a folder, `--eval-dir` a file": (
+        "test_evaluate.py::test_an_output_of_the_wrong_kind_is_one_line_before_anything_is_written"
+    ),
+    "a missing or broken `ACCELERATE_CONFIG_FILE`": (
+        "test_launch.py::test_an_accelerate_config_it_cannot_use_is_one_line_naming_the_variable"
+    ),
+    "a launch variable that is not a number": "test_launch.py::test_a_launch_variable_it_cannot_use_is_one_line",
+    "a `model.json` missing `model.name`": (
+        "test_evaluate.py::test_an_artifact_that_lacks_its_model_name_is_one_line_before_anything_is_written"
+    ),
+    "Ctrl-C while a stage imports torch": "test_errors.py::test_ctrl_c_while_a_stage_imports_is_one_line_and_exit_130",
+    "the launcher is killed": (
+        "test_guard.py::test_a_run_whose_launcher_is_killed_stops_says_why_and_leaves_no_launcher_folder"
+    ),
 }
 
 
@@ -239,9 +256,9 @@ def row_problem(row: list[str], tests: dict[str, str]) -> str | None:
     if fault not in tests:
         return f"no test is named for the row {fault!r}"
     file, _, name = tests[fault].partition("::")
-    source = source_of(file, name)
-    if source is None:
+    if source_of(file, name) is None:
         return f"the row for {fault!r} names {tests[fault]}, which does not exist"
+    source = (REPO / "tests" / file).read_text()  # the test, and the helpers that make its fault and its line
     missing = [piece.strip() for piece in quoted.group(1).split("…") if piece.strip() not in source]
     return f"{tests[fault]} does not assert {missing[0]!r} ({fault})" if missing else None
 
