@@ -452,3 +452,12 @@ def test_a_diverging_run_stops_within_a_few_steps_not_at_the_end_of_the_epoch(
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.startswith("error: training diverged at epoch 1, step 25 (loss ")
     assert err.endswith("; lower train.lr") and not (tmp_path / "models").exists()
+
+
+def test_the_summarys_next_step_fits_how_the_stage_was_started(monkeypatch):
+    from pipeline.train import next_step
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert next_step(Path("out/models")) == "python -m pipeline.evaluate --model-dir out/models (test accuracy)"
+    monkeypatch.setenv("DVC_STAGE", "train")  # under dvc repro the evaluate stage follows by itself
+    assert next_step(Path("models")).startswith("the evaluate stage scores the test set; then dvc metrics show")
