@@ -62,9 +62,9 @@ def run_seed(params: Params, data: Path, tmp: Path) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     stage(evaluate.command(out / "params.yaml", data, out / "models", out / "test.json", out / "eval"), "evaluation")
     test = json.loads((out / "test.json").read_text())
-    live = json.loads((out / "live" / "metrics.json").read_text())
+    model = json.loads((out / "models" / "model.json").read_text())
     return {"seed": params.train.seed, "test_accuracy": test["test"]["accuracy"],
-            "best_val_accuracy": live["best_val_accuracy"], "train_wall_s": round(train_s, 1)}  # fmt: skip
+            "best_val_accuracy": model["best_val_accuracy"], "train_wall_s": round(train_s, 1)}  # fmt: skip
 
 
 @cli

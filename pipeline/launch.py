@@ -227,8 +227,9 @@ def check_env(env: Mapping[str, str]) -> None:
     restarts = env.get(FROM_ENV["--max_restarts"], "")
     if restarts and not restarts.isdigit():
         raise PipelineError(f"PET_MAX_RESTARTS={restarts!r} is no count of restarts; set it to 0 or more, or unset it")
-    if env.get("LOGLEVEL") and env["LOGLEVEL"] not in logging.getLevelNamesMapping():  # torch's launchers set it
-        names = ", ".join(logging.getLevelNamesMapping())
+    levels = ("CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET")  # logging's own names
+    if env.get("LOGLEVEL") and env["LOGLEVEL"] not in levels:  # torch's launchers set it
+        names = ", ".join(levels)
         raise PipelineError(f"LOGLEVEL={env['LOGLEVEL']!r} is no log level; set it to one of {names}, or unset it")
     try:
         shlex.split(env.get(VIA_VAR, ""))

@@ -323,7 +323,7 @@ def load_params(path: str | Path = "params.yaml", *layers: dict[str, Any]) -> Pa
         for layer in layers:
             params = with_changes(params, layer)
     except ParamsError as e:
-        raise ParamsError(f"{e}{last_good_hint(raw, bool(os.environ.get(DVC_STAGE_VAR)))}") from None
+        raise ParamsError(f"{e}{last_good_hint(raw, bool(os.environ.get(DVC_STAGE_VAR)), str(e))}") from None
     return params
 
 
@@ -357,9 +357,10 @@ def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def last_good_hint(raw: Any, under_dvc: bool, lock: Path = Path("dvc.lock")) -> str:
+def last_good_hint(raw: Any, under_dvc: bool, error: str = "", lock: Path = Path("dvc.lock")) -> str:
     """Under DVC, what params.yaml must get back to be the last good run's, as dvc.lock records it (each stage
     the params it read): ``; the last good run (dvc.lock) had train.lr=0.002 ...``; "" elsewhere or when equal.
+    The keys the ``error`` names come alone when any differ; else every key that differs, the first three.
     """
     if not under_dvc:
         return ""
@@ -369,7 +370,9 @@ def last_good_hint(raw: Any, under_dvc: bool, lock: Path = Path("dvc.lock")) -> 
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         return ""
     now = flat(raw)
-    changed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in good.items() if now.get(k) != v]
+    differ = [k for k, v in good.items() if now.get(k) != v]
+    differ = [k for k in differ if k in error] or differ
+    changed = [f"{k}={good[k] if isinstance(good[k], str) else json.dumps(good[k])}" for k in differ]
     if not changed:
         return ""
     shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")

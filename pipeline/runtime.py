@@ -119,7 +119,7 @@ def make_accelerator(cpu_threads: int = 0, **kwargs: Any) -> Accelerator:
         if accelerator.mixed_precision == "fp16":
             raise PipelineError(
                 "fp16 mixed precision needs a GPU (on CPU it would silently run in fp32); "
-                "set train.mixed_precision (or accelerate's --mixed_precision) to bf16 or no"
+                "set train.mixed_precision (or accelerate's --mixed_precision) to bf16 or fp32"
             )
         local = env_count("LOCAL_WORLD_SIZE", accelerator.num_processes)
         runs = queue_runs() if cpu_threads == 0 else 1

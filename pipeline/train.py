@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--keep-state",
         action="store_true",
-        help="keep the run's checkpoints after it finishes (default: removed once the model is written)",
+        help="keep the run's checkpoints after it finishes (default: removed once the model is written); a rerun of "
+        "the same run then exports that state again without training",
     )
     return p.parse_args(argv)
 

@@ -3,9 +3,11 @@
 Every collective of the group waits at most the stall timeout (``PIPELINE_STALL_TIMEOUT`` seconds, 90 by
 default; :func:`stall_timeout`). Meanwhile each process beats into the group's rendezvous store from a thread
 (:class:`Heartbeat`): the time, how far its training got, its host and pid. A stopped process (SIGSTOP, a frozen
-node) falls silent; one stuck in a hung device keeps beating but stays behind. When a collective times out,
-the processes that waited read the beats and name the ones that stopped (:meth:`Heartbeat.stalled`); a stopped
-process on the same host is killed, so the group ends now rather than after the launcher's grace period.
+node) falls silent; one stuck before its step's all-reduce keeps beating but stays behind. When a gloo collective
+times out, the processes that waited read the beats and name the ones that stopped (:meth:`Heartbeat.stalled`); a
+stopped process on the same host is killed, so the group ends now rather than after the launcher's grace period.
+On GPUs, NCCL's own watchdog aborts a process whose collective waits past the same timeout: the group still ends
+then, and the launcher names the rank that aborted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+
+import psutil
 
 from pipeline.errors import PipelineError
 
@@ -130,8 +134,8 @@ class Heartbeat:
             beats = []
         blamed = blame(beats, time.time(), self.rank)
         for beat in blamed:
-            if beat.host == socket.gethostname() and time.time() - beat.time > 3 * BEAT_S:
-                _kill(beat.pid)  # stopped: it would ignore the launcher's SIGTERM for its whole grace period
+            if beat.host == socket.gethostname():
+                _kill_if_stopped(beat.pid)  # it would ignore the launcher's SIGTERM for its whole grace period
         who = ", ".join(describe(b, time.time()) for b in blamed) or "no process is behind (a collective hung)"
         return StalledError(
             f"the group waited {waited.total_seconds():.0f} s ({STALL_VAR}) for a process that stopped making "
@@ -150,13 +154,15 @@ def blame(beats: list[Beat], now: float, me: int) -> list[Beat]:
 
 
 def describe(beat: Beat, now: float) -> str:
-    if now - beat.time > 3 * BEAT_S:
-        return f"rank {beat.rank} (pid {beat.pid} on {beat.host}) silent for {now - beat.time:.0f} s"
-    return f"rank {beat.rank} (pid {beat.pid} on {beat.host}) alive but behind"
+    """A blamed process, in the same words on every process that waited for it (so the launcher says it once)."""
+    state = "silent" if now - beat.time > 3 * BEAT_S else "alive but behind"
+    return f"rank {beat.rank} (pid {beat.pid} on {beat.host}) {state}"
 
 
-def _kill(pid: int) -> None:
+def _kill_if_stopped(pid: int) -> None:
+    """SIGKILL ``pid`` if it is a stopped process (SIGSTOP, a debugger): never a running one that shares the pid."""
     try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
+        if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+            os.kill(pid, signal.SIGKILL)
+    except (psutil.Error, OSError):
         pass

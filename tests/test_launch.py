@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,7 +237,7 @@ def test_a_terminal_sees_a_live_progress_bar_through_the_launcher_and_a_log_sees
              "--model-dir", str(tmp_path / "m"), "--live-dir", str(tmp_path / "l"),
              "--checkpoint-dir", str(tmp_path / "c"), "--cpu-threads", "1"]  # fmt: skip
     shown = run_in_a_terminal([sys.executable, "-m", "pipeline.launch", *stage], tmp_path)
-    assert "\r" in shown and "epoch 1/2:" in shown and "sample/s" in shown, shown  # tqdm's bar, redrawn
+    assert re.search(r"\r(?!\n)", shown) and "epoch 1/2:" in shown and "sample/s" in shown, shown  # redrawn bar
     assert "epoch 2/2  train loss" in shown  # and the epoch's line
     logged = subprocess.run([sys.executable, "-m", "pipeline.launch", *stage, "--fresh"], cwd=tmp_path,
                             env=child_env(), capture_output=True, text=True)  # fmt: skip

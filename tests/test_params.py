@@ -192,3 +192,24 @@ def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
     path.write_text("train:\n  lr: 0.1\n  epochs: [1, 2\n")
     with pytest.raises(ParamsError, match=r"params\.yaml:4:1 is not valid YAML: expected ',' or '\]'"):
         load_params(path)
+
+
+def test_under_dvc_a_params_error_names_the_value_the_last_good_run_had(tmp_path):
+    from pipeline.params import last_good_hint
+
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "download": {"params": {"params.yaml": {"download": {"timeout": 30}}}},
+        "train": {"params": {"params.yaml": {"data.subset": 0, "train": {"lr": 0.002, "epochs": 10}}}},
+    }}))  # fmt: skip
+    now = {"download": {"timeout": 60}, "data": {"subset": 0}, "train": {"lr": -1, "epochs": 10}}
+    said = "train.lr must be > 0, got -1.0"
+    assert (
+        last_good_hint(now, True, said, lock)
+        == "; the last good run (dvc.lock) had train.lr=0.002: set it back in params.yaml"
+    )
+    assert last_good_hint(now, True, "another error", lock).endswith(
+        "had download.timeout=30, train.lr=0.002: set it back in params.yaml"
+    )
+    assert last_good_hint(now, False, said, lock) == ""  # not under DVC
+    assert last_good_hint(now, True, said, tmp_path / "none.lock") == ""  # no last good run
