@@ -119,10 +119,18 @@ def redact(text: str) -> str:
     return _USERINFO.sub(hide, text)
 
 
-def with_restore_hint(message: str, env: Mapping[str, str] | None = None) -> str:
-    """``message``, and under DVC how the outputs that DVC removed before the failed command come back."""
+def with_restore_hint(message: str, env: Mapping[str, str] | None = None, lock: Path = Path("dvc.lock")) -> str:
+    """``message``, and under DVC how the outputs that DVC removed before the failed command come back: when
+    ``lock`` records a run of this stage (a first run, which has none, has nothing to bring back)."""
     env = os.environ if env is None else env
-    return f"{message}; {RESTORE}" if env.get(DVC_STAGE_VAR) and RESTORE not in message else message
+    stage = env.get(DVC_STAGE_VAR)
+    if not stage or RESTORE in message:
+        return message
+    try:
+        recorded = f"\n  {stage}:\n" in lock.read_text()  # dvc.lock's `stages:` entry of this stage
+    except OSError:
+        recorded = False
+    return f"{message}; {RESTORE}" if recorded else message
 
 
 def report(message: str, code: int, consequence: bool = False, blames: tuple[int, ...] = ()) -> int:
@@ -181,9 +189,11 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
 
 
 def quiet_interrupt_while_starting(argv: list[str]) -> None:
-    """Under ``python -m`` (``argv[0]`` is ``-m`` while the module is found): Ctrl-C before :func:`cli` wraps ``main``
-    (while ``import torch`` runs, say) is ``error: interrupted`` and exit 130, not a traceback."""
-    if argv[:1] == ["-m"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    """Under ``python -m`` (``argv[0]`` is ``-m`` while the module is found) or a ``fashion-*`` console command:
+    Ctrl-C before :func:`cli` wraps ``main`` (while ``import torch`` runs, say) is ``error: interrupted`` and exit
+    130, not a traceback."""
+    started = argv[:1] == ["-m"] or (bool(argv) and Path(argv[0]).name.startswith("fashion-"))
+    if started and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 

@@ -48,10 +48,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default="data/raw", help="IDX folder, for --idx (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=3, help="classes to print per input (default: %(default)s)")
     p.add_argument("--invert", action="store_true", help="invert image files (dark item on light background)")
+    p.add_argument("--photo", action="store_true", help="convert photos as Fashion-MNIST's images were made: trim "
+                   "the background, resize, sharpen, centre, and negate a light background")  # fmt: skip
     p.add_argument("--out", type=Path, help="write the results to this .csv or .json file instead of printing them")
     args = p.parse_args(argv)
     if args.out is not None and args.out.suffix not in (".csv", ".json"):
         p.error(f"--out {args.out}: give a .csv or .json file")
+    if args.photo and args.invert:
+        p.error("--photo negates a light background itself; drop --invert")
     if bool(args.images) == bool(args.idx):
         p.error("give image files or --idx, not both or neither")
     if not 1 <= args.top_k <= len(CLASSES):
@@ -141,9 +145,50 @@ def to_grey(im: Image.Image, background: int) -> Image.Image:
     return im.convert("L")
 
 
-def read_image(path: Path, cfg: ModelConfig, invert: bool) -> torch.Tensor:
-    """A file as uint8 (H, W) at the model's input size, greyscale; letterboxed (padded, not stretched)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+# Fashion-MNIST's own conversion of its product photos (the dataset's README): pixels within 5 % of the
+# corners' colour are background and trimmed away; the sharpening is a Gaussian of radius and sigma 1
+TRIM = 0.05
+
+
+def letterbox(grey: Image.Image, size: int, invert: bool) -> Image.Image:
+    """``grey`` padded to a square with its background (never stretched) and resized to ``size``; ``invert``
+    reads a dark item on a light background (the background is taken as white, then everything negated)."""
+    from PIL import Image, ImageOps
+
+    square = ImageOps.pad(grey, (size, size), Image.Resampling.BILINEAR, color=255 if invert else 0)
+    return ImageOps.invert(square) if invert else square
+
+
+def photo_view(grey: Image.Image, size: int) -> Image.Image:
+    """A photo of one item as Fashion-MNIST's conversion made its images: the background (the corners'
+    median colour, within :data:`TRIM`) trimmed away, the longest edge resized to ``size`` (Lanczos),
+    sharpened, centred on a square of the background, and negated when the background is light, so that the
+    item comes out light on black (the background's grey level mapped to black, as a white one is by the
+    negation). Noise specks do not stop the trim (it looks at a median-filtered copy)."""
+    from PIL import Image, ImageChops, ImageFilter, ImageOps
+
+    w, h = grey.size
+    corners = [grey.getpixel(p) for p in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))]
+    background = sorted(int(c) for c in corners if isinstance(c, int | float))[1]  # mode L: one int each
+    smooth = grey.filter(ImageFilter.MedianFilter(5)) if min(w, h) >= 5 else grey
+    away = ImageChops.difference(smooth, Image.new("L", grey.size, background)).point(
+        lambda v: 255 if v > TRIM * 255 else 0
+    )
+    item = grey.crop(away.getbbox() or (0, 0, w, h))
+    scale = size / max(item.size)
+    shape = (max(1, round(item.width * scale)), max(1, round(item.height * scale)))
+    item = item.resize(shape, Image.Resampling.LANCZOS).filter(ImageFilter.UnsharpMask(1, 100, 0))
+    square = Image.new("L", (size, size), background)
+    square.paste(item, ((size - item.width) // 2, (size - item.height) // 2))
+    if background > 127:
+        square, background = ImageOps.invert(square), 255 - background
+    return square.point(lambda v: max(0, round((v - background) * 255 / (255 - background))))  # background: black
+
+
+def read_image(path: Path, cfg: ModelConfig, invert: bool, photo: bool = False) -> torch.Tensor:
+    """A file as uint8 (H, W) at the model's input size, greyscale: letterboxed (padded, not stretched), or with
+    ``photo`` as Fashion-MNIST's conversion made its images (:func:`photo_view`)."""
+    from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
         raise DataError(f"image {path} does not exist")
@@ -157,16 +202,17 @@ def read_image(path: Path, cfg: ModelConfig, invert: bool) -> torch.Tensor:
                 width, height = im.size  # from the header
                 if width * height > MAX_PIXELS:
                     raise DataError(f"{path} is {width}x{height}; {refused}")
-                size, background = (cfg.image_size, cfg.image_size), 255 if invert else 0  # dark after --invert
-                grey = ImageOps.pad(to_grey(im, background), size, Image.Resampling.BILINEAR, color=background)
+                background = 255 if invert or photo else 0  # transparency: a light background for a photo
+                grey = to_grey(im, background)
+                size = cfg.image_size
+                grey = photo_view(grey, size) if photo else letterbox(grey, size, invert)
     except Image.DecompressionBombError:  # so large that PIL will not even read its header
         raise DataError(f"{path} is over {2 * (Image.MAX_IMAGE_PIXELS or 0) // 10**6} megapixels; {refused}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path} is not an image PIL can read ({e})") from None
     except ValueError as e:
         raise DataError(f"{path} cannot be read as a grey picture: {e}") from None
-    t = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(cfg.image_size, cfg.image_size)
-    return 255 - t if invert else t
+    return torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(cfg.image_size, cfg.image_size)
 
 
 def top_k(model: torch.nn.Module, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +255,7 @@ def inputs(args: argparse.Namespace, cfg: ModelConfig, classes: list[str]) -> tu
     """The images to classify, uint8 (N, H, W), and a name for each."""
     if not args.idx:
         paths = expand_inputs(args.images)
-        return torch.stack([read_image(p, cfg, args.invert) for p in paths]), [str(p) for p in paths]
+        return torch.stack([read_image(p, cfg, args.invert, args.photo) for p in paths]), [str(p) for p in paths]
     test = load_split(args.data, "test")
     bad = [i for i in args.idx if not 0 <= i < len(test)]
     if bad:

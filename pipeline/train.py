@@ -46,7 +46,15 @@ from pipeline.model import ModelConfig, build_model, save_artifact
 from pipeline.params import MIXED_PRECISIONS, TRAIN_SECTIONS, Params, TrainParams, as_dict, load_params
 from pipeline.plots import first_of_each_class, label_grid
 from pipeline.provenance import RunKey, environment, run_key
-from pipeline.runtime import add_common_args, add_path_args, eval_loader, make_accelerator, say, summary_table
+from pipeline.runtime import (
+    add_common_args,
+    add_path_args,
+    env_count,
+    eval_loader,
+    make_accelerator,
+    say,
+    summary_table,
+)
 from pipeline.trainer import Trainer, make_ema, make_optimizer, make_schedule
 from pipeline.watchdog import Heartbeat, stall_timeout
 
@@ -104,7 +112,10 @@ def check_step_fits(model: nn.Module, cfg: ModelConfig, batch_size: int, acceler
     """Refuse a batch whose training step would not fit in the device's free memory, before the first step."""
     world, device = accelerator.num_processes, accelerator.device
     per_sample = activation_bytes(model, (cfg.in_channels, cfg.image_size, cfg.image_size), torch.device("cpu"))
-    check_batch_fits(per_sample, local_batch(batch_size, world), world, available_memory(device), str(device))
+    free = available_memory(device)
+    if device.type == "cpu":  # the host's memory, shared by the processes it runs
+        free //= env_count("LOCAL_WORLD_SIZE", world)
+    check_batch_fits(per_sample, local_batch(batch_size, world), world, free, str(device))
 
 
 def resume_or_start(

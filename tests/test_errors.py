@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -88,11 +89,16 @@ def test_a_url_password_is_hidden_in_every_error_line(text, shown, capsys):
     assert capsys.readouterr().err == f"error: download.sources must be a list, {shown}\n"
 
 
-def test_under_dvc_every_line_says_how_the_last_good_outputs_come_back(monkeypatch, capsys):
+def test_under_dvc_every_line_says_how_the_last_good_outputs_come_back(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(DVC_STAGE_VAR, "train")
+    report("training diverged; lower train.lr", 2)  # a first run: no dvc.lock, nothing to bring back
+    assert capsys.readouterr().err == "error: training diverged; lower train.lr\n"
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: python -m pipeline.train\n")
     report("training diverged; lower train.lr", 2)
     assert capsys.readouterr().err == f"error: training diverged; lower train.lr; {RESTORE}\n"
-    assert with_restore_hint("x", env={}) == "x"
+    assert with_restore_hint("x", env={}) == "x"  # not under DVC
+    assert with_restore_hint("x", env={DVC_STAGE_VAR: "evaluate"}) == "x"  # no run of that stage recorded
 
 
 def _in_the_way(tmp_path):
@@ -162,15 +168,15 @@ sys.meta_path.insert(0, Stall())
 @pytest.mark.parametrize(
     ("module", "importing"),
     [("pipeline.train", "torch"), ("pipeline.evaluate", "torch"), ("pipeline.download", "tqdm"),
-     ("pipeline.launch", "psutil"), ("scripts.predict", "torch")],
-    ids=["train", "evaluate", "download", "launch", "predict"],
+     ("pipeline.launch", "psutil"), ("scripts.predict", "torch"), ("fashion-predict", "torch")],
+    ids=["train", "evaluate", "download", "launch", "predict", "fashion-predict"],
 )  # fmt: skip
 def test_ctrl_c_while_a_stage_imports_is_one_line_and_exit_130(tmp_path, module, importing):
     (tmp_path / "sitecustomize.py").write_text(STALL)  # Python imports it at startup, before the stage
     ready = tmp_path / "ready"
     env = child_env(PYTHONPATH=str(tmp_path), STALL_IMPORT=importing, STALL_READY=str(ready))
-    proc = subprocess.Popen([sys.executable, "-m", module], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    command = [sys.executable, "-m", module] if "." in module else [str(Path(sys.executable).parent / module)]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -315,3 +315,40 @@ def test_the_console_commands_and_the_module_form_answer_help(command):
         command = [str(Path(sys.executable).parent / command[0])]  # installed by `pip install -e .`
     proc = subprocess.run([*command, "--help"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: "), proc.stderr
+
+
+def garment() -> torch.Tensor:
+    """A 28 x 28 shirt as Fashion-MNIST draws one: light, on black, touching the top and bottom edges."""
+    image = torch.zeros(28, 28, dtype=torch.uint8)
+    image[0:28, 8:20] = 200  # body
+    image[0:12, 2:26] = 170  # sleeves
+    image[4:24, 12:16] = 240  # a light placket
+    return image
+
+
+@pytest.mark.parametrize("light_background", [True, False], ids=["dark-item-on-paper", "light-item-on-black"])
+def test_a_photo_reads_as_fashion_mnist_made_its_images_and_a_letterbox_does_not(tmp_path, light_background):
+    import random
+
+    from bench.photos import render_photo
+
+    original = garment()
+    photo = render_photo(original, random.Random(3))  # enlarged, off-centre on a 640 x 480 canvas, noise, JPEG
+    if not light_background:
+        photo = Image.fromarray(255 - np.asarray(photo))
+    photo.save(tmp_path / "shirt.jpg")
+    cfg = ModelConfig()
+    read = predict.read_image(tmp_path / "shirt.jpg", cfg, invert=False, photo=True)
+    letterboxed = predict.read_image(tmp_path / "shirt.jpg", cfg, invert=light_background)
+
+    def off(image: torch.Tensor) -> float:
+        return (image.float() - original.float()).abs().mean().item()
+
+    assert off(read) < 20, read  # the item fills the frame again, light on black (sharpening leaves halos)
+    assert off(letterboxed) > 3 * off(read)  # a small item in a large frame
+
+
+def test_photo_and_invert_together_are_refused(artifact, capsys):
+    with pytest.raises(SystemExit) as failed:
+        predict.main(["x.png", "--photo", "--invert", "--model-dir", str(artifact)])
+    assert failed.value.code == 2 and "--photo negates a light background itself" in capsys.readouterr().err
