@@ -52,14 +52,15 @@ def activation_bytes(model: nn.Module, image_shape: tuple[int, ...], device: tor
     return total
 
 
-def check_batch_fits(per_sample: int, local_batch: int, world: int, free: int, where: str) -> None:
-    """Refuse, before any step, a batch whose step needs more than the ``free`` bytes on this process's device."""
-    need = STEP_FACTOR * per_sample * local_batch
+def check_batch_fits(per_sample: int, micro_batch: int, world: int, accum: int, free: int, where: str) -> None:
+    """Refuse, before any step, a batch whose backward pass needs more than the ``free`` bytes on this process's
+    device: ``micro_batch`` images at once, the global batch being ``micro_batch * accum * world``."""
+    need = STEP_FACTOR * per_sample * micro_batch
     if need > free:
         raise PipelineError(
-            f"a training step of {local_batch} images per process (train.batch_size {local_batch * world} over "
-            f"{world} process(es)) needs about {_gib(need)} of activations, more than the {_gib(free)} free on "
-            f"{where}; lower train.batch_size (or use more processes)"
+            f"a training step of {micro_batch} images per process (train.batch_size {micro_batch * accum * world} "
+            f"over {world} process(es), train.grad_accum {accum}) needs about {_gib(need)} of activations, more "
+            f"than the {_gib(free)} free on {where}; lower train.batch_size or raise train.grad_accum"
         )
 
 

@@ -96,6 +96,7 @@ class ModelParams:
 class TrainParams:
     epochs: int = knob(10, ge=1)
     batch_size: int = knob(128, ge=1)  # global batch, split evenly across processes
+    grad_accum: int = knob(1, ge=1)  # micro-batches per process and step: the same global batch in 1/N the memory
     lr: float = knob(2e-3, gt=0)  # peak learning rate
     weight_decay: float = knob(0.0, ge=0)  # decoupled (AdamW) weight decay
     schedule: Literal["onecycle", "constant"] = "onecycle"

@@ -99,8 +99,13 @@ def accelerator_options(cfg: TrainParams) -> dict:
 
 def check_sizes(params: Params, train: Split, world: int) -> None:
     """Stop before training when the batch cannot be split or is larger than the data."""
-    b = params.train.batch_size
-    local_batch(b, world)
+    b, accum = params.train.batch_size, params.train.grad_accum
+    local = local_batch(b, world)
+    if local % accum:
+        raise DataError(
+            f"train.batch_size ({b}) over {world} process(es) is {local} per process, which must divide by "
+            f"train.grad_accum ({accum}); change one of them"
+        )
     if steps_per_epoch(len(train), b) == 0:
         raise DataError(
             f"train.batch_size ({b}) is larger than the {len(train)} training samples left after validation; "
@@ -108,14 +113,15 @@ def check_sizes(params: Params, train: Split, world: int) -> None:
         )
 
 
-def check_step_fits(model: nn.Module, cfg: ModelConfig, batch_size: int, accelerator: Accelerator) -> None:
+def check_step_fits(model: nn.Module, cfg: ModelConfig, train: TrainParams, accelerator: Accelerator) -> None:
     """Refuse a batch whose training step would not fit in the device's free memory, before the first step."""
     world, device = accelerator.num_processes, accelerator.device
     per_sample = activation_bytes(model, (cfg.in_channels, cfg.image_size, cfg.image_size), torch.device("cpu"))
     free = available_memory(device)
     if device.type == "cpu":  # the host's memory, shared by the processes it runs
         free //= env_count("LOCAL_WORLD_SIZE", world)
-    check_batch_fits(per_sample, local_batch(batch_size, world), world, free, str(device))
+    micro = local_batch(train.batch_size, world) // train.grad_accum  # the samples one backward pass holds
+    check_batch_fits(per_sample, micro, world, train.grad_accum, free, str(device))
 
 
 def resume_or_start(
@@ -230,7 +236,7 @@ def build(accelerator: Accelerator, params: Params, data: Path) -> Parts:
     check_sizes(params, train, accelerator.num_processes)
     model_cfg = ModelConfig(name=params.model.name)
     model = build_model(model_cfg)
-    check_step_fits(model, model_cfg, cfg.batch_size, accelerator)
+    check_step_fits(model, model_cfg, cfg, accelerator)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     if cfg.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and on GPU tensor cores

@@ -6,6 +6,7 @@ restores them, and hands them over prepared; the trainer steps them and saves ch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -152,23 +153,33 @@ class Trainer:
         inputs = to_input(augment(images, flip, shift, centers, cfg.hflip, cfg.translate, cfg.cutout))
         if cfg.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        logits = self.model(inputs)
-        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-        self.mark_progress()  # past the forward pass: a process stuck before here is behind one in the all-reduce
-        self.accelerator.backward(loss)
+        chunks = cfg.grad_accum
+        losses = [self.backward(x, y, last=i == chunks - 1)
+                  for i, (x, y) in enumerate(zip(inputs.chunk(chunks), labels.chunk(chunks), strict=True))]  # fmt: skip
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update_parameters(self.trained)
-        with torch.no_grad():  # the logged loss is plain cross-entropy, as val/loss: no label smoothing
-            plain = nn.functional.cross_entropy(logits, labels) if cfg.label_smoothing else loss
-            self.sums[LOSS] += plain.double() * len(idx)
-            self.sums[CORRECT] += (logits.argmax(1) == labels).sum()
-            self.sums[SAMPLES] += len(idx)
         self.state.step += 1
         self.state.global_step += 1
-        return loss
+        return losses[0] if chunks == 1 else torch.stack(losses).mean()
+
+    def backward(self, inputs: torch.Tensor, labels: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (``train.grad_accum`` of them make a step; gradients are
+        all-reduced with the ``last`` one); adds to the epoch's sums; returns its training loss."""
+        cfg, chunks = self.cfg, self.cfg.grad_accum
+        with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+            logits = self.model(inputs)
+            loss = nn.functional.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            self.mark_progress()  # past the forward pass: a process stuck before here is behind one in the all-reduce
+            self.accelerator.backward(loss if chunks == 1 else loss / chunks)  # the mean over the whole batch
+        with torch.no_grad():  # the logged loss is plain cross-entropy, as val/loss: no label smoothing
+            plain = nn.functional.cross_entropy(logits, labels) if cfg.label_smoothing else loss
+            self.sums[LOSS] += plain.double() * len(labels)
+            self.sums[CORRECT] += (logits.argmax(1) == labels).sum()
+            self.sums[SAMPLES] += len(labels)
+        return loss.detach()
 
     def mark_progress(self) -> None:
         if self.heartbeat is not None:

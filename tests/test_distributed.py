@@ -215,3 +215,16 @@ def test_world_size_without_a_launcher_is_refused_with_a_hint(workdir, params, r
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: WORLD_SIZE=2")
     assert "accelerate launch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_process_accumulating_two_micro_batches_trains_what_two_processes_train(workdir, params, raw, double):
+    accumulated = yaml.safe_load(params.read_text())
+    accumulated["train"]["grad_accum"] = 2  # the same global batch of 40: two backward passes of 20
+    path = workdir / "params-accum.yaml"
+    path.write_text(yaml.safe_dump(accumulated))
+    out = workdir / "accumulated"
+    proc = launch(train_command(out, path, raw), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    diff = max_weight_diff(out, double[0])
+    print(f"max |w(1 process, grad_accum 2) - w(2 processes)| = {diff:.3g}")
+    assert diff <= WEIGHT_TOLERANCE  # the same steps; on CPU (gloo) this run is even bitwise equal

@@ -22,11 +22,11 @@ def test_activation_bytes_count_every_layers_output_for_one_image():
 
 
 def test_a_batch_whose_step_needs_more_than_the_free_memory_is_refused_naming_the_param():
-    check_batch_fits(per_sample=1000, local_batch=64, world=2, free=STEP_FACTOR * 1000 * 64, where="cpu")
-    with pytest.raises(PipelineError, match=r"^a training step of 64 images per process \(train.batch_size 128 over "
-                       r"2 process\(es\)\) needs about 0.5 GiB of activations, more than the 0.1 GiB free on cuda:0; "
-                       r"lower train.batch_size"):  # fmt: skip
-        check_batch_fits(per_sample=2**30 // 384, local_batch=64, world=2, free=2**30 // 10, where="cuda:0")
+    check_batch_fits(per_sample=1000, micro_batch=64, world=2, accum=1, free=STEP_FACTOR * 1000 * 64, where="cpu")
+    with pytest.raises(PipelineError, match=r"^a training step of 64 images per process \(train.batch_size 256 over "
+                       r"2 process\(es\), train.grad_accum 2\) needs about 0.5 GiB of activations, more than the 0.1 "
+                       r"GiB free on cuda:0; lower train.batch_size or raise train.grad_accum"):  # fmt: skip
+        check_batch_fits(per_sample=2**30 // 384, micro_batch=64, world=2, accum=2, free=2**30 // 10, where="cuda:0")
 
 
 def allocate_too_much() -> None:
@@ -61,5 +61,5 @@ def test_train_refuses_a_batch_that_does_not_fit_before_writing_anything(
     reset_accelerate_state()
     assert failed.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: a training step of 20 images per process (train.batch_size 20 over 1 process(es))")
+    assert err.startswith("error: a training step of 20 images per process (train.batch_size 20 over 1 process(es), ")
     assert err.count("\n") == 1 and not (tmp_path / "models").exists() and not (tmp_path / "live").exists()

@@ -462,3 +462,21 @@ def test_the_summarys_next_step_fits_how_the_stage_was_started(monkeypatch):
     assert next_step(Path("out/models")) == "python -m pipeline.evaluate --model-dir out/models (test accuracy)"
     monkeypatch.setenv("DVC_STAGE", "train")  # under dvc repro the evaluate stage follows by itself
     assert next_step(Path("models")).startswith("the evaluate stage scores the test set; then dvc metrics show")
+
+
+def test_gradient_accumulation_takes_the_same_step_up_to_rounding(tmp_path, tiny_raw, write_params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    weights = {}
+    for accum in (1, 4):  # a global batch of 20: one backward of 20, or four of 5
+        run_train(tmp_path, write_params({"train": {"epochs": 1, "grad_accum": accum}}), "--fresh")
+        weights[accum] = load_file(str(tmp_path / "models" / "model.safetensors"))
+        reset_accelerate_state()
+    diff = max(float((weights[4][k] - weights[1][k]).abs().max()) for k in weights[1])
+    print(f"largest weight difference, accumulation 4 against 1, after 10 steps: {diff:.2e}")
+    assert 0 < diff < 1e-5  # the same gradient, summed in another order
+
+
+def test_a_batch_that_does_not_split_into_the_accumulation_is_refused(tmp_path, tiny_raw, write_params, capsys):
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, write_params({"train": {"grad_accum": 3}}))  # 20 per process
+    assert "is 20 per process, which must divide by train.grad_accum (3)" in capsys.readouterr().err
