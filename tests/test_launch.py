@@ -170,6 +170,18 @@ def _unknown_key(tmp_path):
     return tmp_path / "c.yaml", "had unknown keys (['procs'])"
 
 
+def refused_launch(tmp_path, capsys) -> str:
+    """Launch a process that would mark a folder; the launch must be refused (exit 2, nothing launched): its line."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(["-m", "tests.launched", "ok:all", str(ready)])
+    assert stop.value.code == 2
+    assert not any(ready.iterdir())  # nothing was launched
+    (line,) = capsys.readouterr().err.splitlines()
+    return line
+
+
 @pytest.mark.parametrize(
     "config",
     [_missing, _a_folder, _not_yaml, _not_a_mapping, _unknown_key],
@@ -178,16 +190,10 @@ def _unknown_key(tmp_path):
 def test_an_accelerate_config_it_cannot_use_is_one_line_naming_the_variable(tmp_path, monkeypatch, capsys, config):
     path, said = config(tmp_path)
     monkeypatch.setenv("ACCELERATE_CONFIG_FILE", str(path))
-    ready = tmp_path / "ready"
-    ready.mkdir()
-    with pytest.raises(SystemExit) as stop:
-        main(["-m", "tests.launched", "ok:all", str(ready)])
-    assert stop.value.code == 2
-    (line,) = capsys.readouterr().err.splitlines()
+    line = refused_launch(tmp_path, capsys)
     assert line.startswith(f"error: ACCELERATE_CONFIG_FILE={path} is not an accelerate config a launch can use: ")
     assert said in line and line.endswith("point ACCELERATE_CONFIG_FILE at another (`accelerate config --config_file` "
                                           "writes one), or unset it")  # fmt: skip
-    assert not any(ready.iterdir())  # nothing was launched
 
 
 @pytest.mark.parametrize(
@@ -199,14 +205,7 @@ def test_an_accelerate_config_it_cannot_use_is_one_line_naming_the_variable(tmp_
 )  # fmt: skip
 def test_a_launch_variable_it_cannot_use_is_one_line(tmp_path, monkeypatch, capsys, var, value, said):
     monkeypatch.setenv(var, value)
-    ready = tmp_path / "ready"
-    ready.mkdir()
-    with pytest.raises(SystemExit) as stop:
-        main(["-m", "tests.launched", "ok:all", str(ready)])
-    assert stop.value.code == 2
-    (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"error: {said}")
-    assert not any(ready.iterdir())  # nothing was launched
+    assert refused_launch(tmp_path, capsys).startswith(f"error: {said}")
 
 
 def run_in_a_terminal(cmd: list[str], cwd: Path) -> str:
