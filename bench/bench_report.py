@@ -169,7 +169,7 @@ def scaling_lines(rows: dict[str, Row]) -> list[str]:
 
 
 def machine_line(m: dict) -> str:
-    """Where a report was measured: device, CPU model and cores, torch, and the threads (older reports lack them)."""
+    """Where a report was measured: device, CPU model and cores, torch, and the threads where the report has them."""
     threads = ""
     if "stage_threads" in m:
         threads = f"; threads: seed loop {m['seed_loop_threads']}, stage {m['stage_threads']}"

@@ -20,11 +20,14 @@ from typing import Any, get_args
 import torch
 
 from bench.seed_loop import accuracy_on, sync
-from pipeline.batches import augment, rank_batches, to_input
-from pipeline.checkpoint import list_checkpoints, list_runs, read_checkpoint
+from pipeline.checkpoint import list_checkpoints, read_checkpoint
 from pipeline.dataset import load_split
 from pipeline.model import ModelConfig, build_model
 from pipeline.params import ModelName, Params, TrainParams, load_params, read_yaml, save_params, with_changes
+from pipeline.recipe.augment import to_input
+from pipeline.recipe.sampling import rank_batches
+from pipeline.recipe.step import step_inputs
+from pipeline.runs import list_runs
 from pipeline.train import Paths, command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +142,7 @@ def run_recipe(data: Path, recipe: str, seed: int, quick: bool, batch: int = 0) 
         curve, train_s = [], 0.0
         for path, row in zip(found, rows, strict=True):
             train_s += steps / row["samples_per_s"]
-            model.load_state_dict(read_checkpoint(path).result())
+            model.load_state_dict(read_checkpoint(path).scored())
             curve.append({"train_s": round(train_s, 2), "test_accuracy": accuracy_on(model, test_x, test_y, tta)})
     return {
         "recipe": {"model": params.model.name, **dict(sorted(vars(params.train).items())), "tta": tta},
@@ -157,17 +160,21 @@ def profile_data_path(data: Path, recipe: str, steps: int = 50) -> dict[str, Any
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train = load_split(data, "train").to(device)
     batches = rank_batches(
-        len(train), cfg.batch_size, 0, 0, 0, 1, max_shift=cfg.translate, cutout=cfg.cutout, device=device
+        len(train),
+        batch_size=cfg.batch_size,
+        seed=0,
+        epoch=0,
+        max_shift=cfg.translate,
+        cutout=cfg.cutout,
+        device=device,
     )
     times = []
-    for k, (idx, flip, shift, centers) in enumerate(batches):
+    for k, batch in enumerate(batches):
         if k == steps:
             break
         sync()
         t0 = time.perf_counter()
-        x = to_input(augment(train.images[idx], flip, shift, centers, cfg.hflip, cfg.translate, cfg.cutout))
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        step_inputs(train, batch, cfg)
         sync()
         times.append(time.perf_counter() - t0)
     times.sort()

@@ -1,35 +1,19 @@
 """Speed and time-to-accuracy against the seed tutorial's loop, in one run: ``python -m bench.benchmark [--quick]``.
 
-Two parts, each variant in its own process (so peak memory is its own), on the same machine:
+Each variant runs in its own process, on the same machine; results go to ``--out`` (JSON) and to stdout as
+Markdown tables (``bench/bench_report.py``). The parts:
 
-**throughput** (``--samples`` training images per epoch, 2 epochs, the second one timed; ``--repeats``
-rounds of every variant in turn, reported as medians, each ratio to the seed loop paired by round):
+- **throughput**: the seed loop (``bench/seed_loop.py``), the train stage at params.yaml's recipe, and one row per
+  speed option (:data:`OPTIONS`); 2 epochs of ``--samples`` images, the second timed, ``--repeats`` rounds of
+  every variant in turn, medians, each ratio to the seed loop paired by round;
+- **accuracy**: whole recipes (``recipes/*.yaml``) on the full data, the test accuracy after every epoch (not
+  timed): training time to each ``--targets`` value, with a *paired* ratio through the throughput row at the
+  recipe's settings (:data:`SPEED_ROWS`), since these rows run minutes apart and a shared host drifts;
+- **scaling**: 1 and 2 processes, and each model at global batches 64 to 1024 (lr scaled by sqrt of the batch);
+- **datapath**: the device data path alone against the step time.
 
-- ``seed``: the tutorial's loop, faithfully (``bench/seed_loop.py``);
-- ``default``: this project's train stage (``pipeline.train``) at params.yaml's recipe;
-- one row per speed option on top of it: ``nchw`` (channels_last off), ``bf16``, ``foreach``
-  and ``fused`` AdamW kernels, ``compile`` (torch.compile; its first epoch pays the compile),
-  ``bf16-b512`` (bf16 at a global batch of 512), and on a GPU ``cudnn-benchmark``.
-
-**time to accuracy** (full data, whole recipes, test accuracy after every epoch, evaluation
-not timed): the seed loop for its 10 epochs, then the ``default``, ``fast`` and ``beyond``
-recipes (``recipes/*.yaml`` on top of params.yaml). Reports the training time until the test
-accuracy first reaches each ``--targets`` value, the final accuracy, and ratios to the seed
-loop (a ``>`` ratio when the seed loop never reached the target: its whole run is the bound).
-These rows run minutes apart, and a shared host's speed drifts between them, so a recipe with a
-throughput row at its settings (:data:`SPEED_ROWS`) also gets a *paired* ratio: the seed loop's
-training samples to the target over the recipe's, times that row's ratio to the seed loop, which
-the rounds pair in time.
-
-**scaling** (same timing as throughput, one round): the default recipe on 1 process and on 2, each
-process with its share of the cores; then samples/s of each model at global batches 64 to 1024, the
-learning rate scaled by the square root of the batch. ``--batches`` adds accuracy rows (``NAME@bB``)
-of each recipe at those global batches: what the larger batches cost in accuracy.
-
-Also profiles the device data path (index, flip, translate, cutout, to float) against the measured
-step time. Results go to ``--out`` as JSON and to stdout as Markdown tables (``bench/bench_report.py``);
-``--report JSON --targets ...`` prints a saved run's tables again for other targets, measuring nothing.
-The jobs that drive the train stage are in ``bench/bench_stage.py``.
+``--report JSON --targets ...`` prints a saved run's tables again for other targets, measuring nothing. The
+jobs that drive the train stage are in ``bench/bench_stage.py``.
 """
 
 from __future__ import annotations
@@ -50,10 +34,10 @@ import torch
 
 from bench.bench_report import markdown, merge_rounds, retarget, summarise
 from bench.bench_stage import QUICK, SCALING, profile_data_path, run_option, run_recipe, run_scaling
-from bench.seed_loop import run_seed
+from bench.seed_loop import run_tutorial_loop
+from pipeline.accelerator import CPU_THREADS_VAR, cpu_threads_for
 from pipeline.files import write_json
 from pipeline.provenance import cpu_model
-from pipeline.runtime import CPU_THREADS_VAR, cpu_threads_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,12 +145,12 @@ def run_job(job: Job, data: Path, samples: int, quick: bool) -> dict[str, Any]:
     """Measure ``job`` in this process; its row, with this process's peak memory."""
     if job.part == "throughput":
         if job.variant == "seed":
-            result = run_seed(data, 0, 1, 0, time_only=samples)
+            result = run_tutorial_loop(data, 0, 1, 0, time_only=samples)
         else:
             result = run_option(data, samples, OPTIONS[job.variant], job.seed)
     elif job.part == "accuracy" and job.variant == "seed":
         sizes = (QUICK["train"] + QUICK["val"], QUICK["epochs"], QUICK["test"]) if quick else (0, 10, 0)
-        result = run_seed(data, *sizes)
+        result = run_tutorial_loop(data, *sizes)
     elif job.part == "accuracy":
         result = run_recipe(data, job.variant, job.seed, quick, job.batch)
     elif job.part == "scaling":

@@ -1,6 +1,6 @@
 """Time a full checkpoint save and load of the default model: ``python -m bench.checkpoint_bench``.
 
-Saves model, best weights, AdamW and one-cycle state and the train state the way
+Captures and saves model, best weights, AdamW and one-cycle state and the train state the way
 training does (atomically, fsync'd), ``--repeat`` times, and prints the median.
 """
 
@@ -13,10 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from pipeline.checkpoint import TrainState, read_checkpoint, save_checkpoint
+from bench.bench_stage import recipe_params
+from bench.profile_step import random_split
+from pipeline.checkpoint import TrainState, capture, read_checkpoint, save_checkpoint
 from pipeline.model import ModelConfig, build_model
+from pipeline.recipe.optim import make_learner
+from pipeline.recipe.sampling import rank_batches
+from pipeline.recipe.step import train_step
 
 
 def main() -> int:
@@ -24,18 +27,17 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=20, help="saves to time (default: %(default)s)")
     args = p.parse_args()
     model = build_model(ModelConfig())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.rand(8, 1, 28, 28)).sum().backward()
-    opt.step()
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=1000)
+    learner_cfg = recipe_params("default").train
+    learner = make_learner(model, learner_cfg, total_steps=1000)  # one step below: AdamW's state exists after it
+    data = random_split(128)
+    train_step(learner, data, next(rank_batches(len(data), batch_size=128, seed=0, epoch=0)), learner_cfg)
     params = sum(p.numel() for p in model.parameters())
     saves, loads = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
             state = TrainState(fingerprint="bench", global_step=i + 1, history=[{"accuracy/val": 0.9}] * 10)
             t0 = time.perf_counter()
-            path = save_checkpoint(Path(tmp), state, model.state_dict(), model.state_dict(), opt.state_dict(),
-                                   sched.state_dict(), keep=2)  # fmt: skip
+            path = save_checkpoint(Path(tmp), capture(learner, state, best=None), keep=2)
             saves.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             read_checkpoint(path)

@@ -25,16 +25,22 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench.seed_loop import Net, seed_datasets
-from pipeline.batches import augment, rank_batches, to_input
-from pipeline.dataset import load_split
+from bench.bench_stage import recipe_params
+from bench.seed_loop import Net, seed_datasets, seed_step
+from pipeline.dataset import Split, load_split
 from pipeline.files import write_json
 from pipeline.model import ModelConfig, build_model
+from pipeline.params import TrainParams
+from pipeline.recipe.optim import make_learner
+from pipeline.recipe.sampling import Batch, rank_batches
+from pipeline.recipe.step import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,9 +69,7 @@ def seed_loop_split(data: Path, steps: int) -> dict:
             t0 = time.perf_counter()
             inputs, labels = next(it)
             t1 = time.perf_counter()
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(net(inputs), labels).backward()
-            optimizer.step()
+            seed_step(net, optimizer, inputs, labels)
             t2 = time.perf_counter()
             if i >= 20:  # after the workers' start-up
                 wait, compute = wait + t1 - t0, compute + t2 - t1
@@ -87,31 +91,39 @@ GROUPS = {
 }
 
 
+def stage_step(
+    data: Split, cfg: TrainParams, bf16: bool = False, model: nn.Module | None = None
+) -> Callable[[Batch], None]:
+    """The train stage's own step (:func:`~pipeline.recipe.step.train_step`) on ``data`` with ``cfg``, on one CPU
+    process: the default recipe's model (or ``model``) and learner, seeded alike for every caller; under bf16
+    autocast with ``bf16``."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()) if model is None else model
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    learner = make_learner(model, cfg, total_steps=10**6)
+
+    def step(batch: Batch) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            train_step(learner, data, batch, cfg)
+
+    return step
+
+
 def pipeline_profile(data: Path, steps: int, bf16: bool) -> dict:
-    """torch.profiler over ``steps`` steps of the pipeline's loop at the default recipe."""
+    """torch.profiler over ``steps`` steps of the train stage's step at the default recipe."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
+    cfg = recipe_params("default").train
     train = load_split(data, "train")
-    model = build_model(ModelConfig()).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.002)
-    batches = list(rank_batches(len(train), 128, 0, 0, 0, 1))[: steps + 10]
-
-    def step(idx: torch.Tensor, flip: torch.Tensor, shift: torch.Tensor, centers: torch.Tensor) -> None:
-        x = to_input(augment(train.images[idx], flip, shift, centers, True, 0, 0))
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = nn.functional.cross_entropy(model(x), train.labels[idx])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    batches = list(rank_batches(len(train), batch_size=cfg.batch_size, seed=0, epoch=0))[: steps + 10]
+    step = stage_step(train, cfg, bf16)
     for b in batches[:10]:
-        step(*b)
+        step(b)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for b in batches[10:]:
-            step(*b)
+            step(b)
         wall = time.perf_counter() - t0
     events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
     total = sum(t for _, t in events)
@@ -123,7 +135,7 @@ def pipeline_profile(data: Path, steps: int, bf16: bool) -> dict:
                 break
     top = sorted(events, key=lambda e: -e[1])[:10]
     return {
-        "samples_per_s_profiled": round(steps * 128 / wall, 1),
+        "samples_per_s_profiled": round(steps * cfg.batch_size / wall, 1),
         "share_by_group": {g: round(t / total, 3) for g, t in groups.items()},
         "top_ops": [{"op": k, "share": round(t / total, 3)} for k, t in top],
     }
@@ -163,28 +175,29 @@ def compute_ceiling(seed_samples_per_s: float) -> dict:
     return report
 
 
+def random_split(n: int, seed: int = 0) -> Split:
+    """``n`` random uint8 images with random labels: the step's cost does not depend on the pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    return Split(
+        torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    )
+
+
 def conv_rates(steps: int, batch: int = 128) -> dict:
-    """Time and GFLOP/s of each convolution of the tutorial CNN's fp32 step (channels_last), forward and backward,
-    and the whole step's time per sample."""
+    """Time and GFLOP/s of each convolution of the tutorial CNN inside the train stage's fp32 step (channels_last),
+    forward and backward, and the whole step's time per sample."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig()).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.002)
-    x = torch.rand(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(10):
-        step()
+    cfg = replace(recipe_params("default").train, batch_size=batch)
+    data = random_split(16 * batch)
+    batches = list(rank_batches(len(data), batch_size=batch, seed=0, epoch=0))
+    step = stage_step(data, cfg)
+    for k in range(10):
+        step(batches[k % len(batches)])
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
+        for k in range(steps):
+            step(batches[k % len(batches)])
         wall = time.perf_counter() - t0
     layers: dict[tuple, dict] = {}
     for e in prof.key_averages(group_by_input_shape=True):
@@ -197,7 +210,7 @@ def conv_rates(steps: int, batch: int = 128) -> dict:
         c_out, _, kh, kw = weight
         macs = n * c_out * (h - kh + 1) * (w - kw + 1) * c_in * kh * kw  # stride 1, no padding (the tutorial CNN)
         # backward computes the weight gradient, and the input gradient except for the first layer (its input is data)
-        passes = 1 if kind == "forward" or (h, w) == tuple(x.shape[2:]) else 2
+        passes = 1 if kind == "forward" or (h, w) == (28, 28) else 2
         ms = e.cpu_time_total / e.count / 1e3
         row = layers.setdefault(tuple(weight), {"layer": f"{c_in}->{c_out} {kh}x{kw} on {h}x{w}"})
         row[f"{kind}_ms"] = round(ms, 3)

@@ -53,7 +53,7 @@ def stage(cmd: list[str], what: str) -> None:
         raise PipelineError(f"the {what} failed (its error is above); nothing was written")
 
 
-def run_seed(params: Params, data: Path, tmp: Path) -> dict[str, Any]:
+def train_one_seed(params: Params, data: Path, tmp: Path) -> dict[str, Any]:
     """Train and evaluate ``params`` under ``tmp``; the seed's row."""
     out = tmp / str(params.train.seed)
     save_params(params, out / "params.yaml")
@@ -75,7 +75,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            rows.append(run_seed(with_changes(base, {"train": {"seed": seed}}), Path(args.data), Path(tmp)))
+            rows.append(train_one_seed(with_changes(base, {"train": {"seed": seed}}), Path(args.data), Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
     accs = [r["test_accuracy"] for r in rows]
     summary = {

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.params import TestTimeAugmentation
-from pipeline.runtime import logits_of
+from pipeline.recipe.augment import logits_of
 
 
 def sync() -> None:
@@ -64,6 +64,13 @@ class Net(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
+def seed_step(net: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """The tutorial's training step: cross-entropy, backward, Adam. (The baseline keeps its own step on purpose.)"""
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(net(inputs), labels).backward()
+    optimizer.step()
+
+
 @contextlib.contextmanager
 def seed_datasets(data: Path) -> Iterator[tuple]:
     """The tutorial's datasets: torchvision ``FashionMNIST`` train and test sets, PIL images through
@@ -80,7 +87,7 @@ def seed_datasets(data: Path) -> Iterator[tuple]:
                datasets.FashionMNIST(tmp, train=False, download=False, transform=tf))  # fmt: skip
 
 
-def run_seed(data: Path, train_samples: int, epochs: int, test_samples: int, time_only: int = 0) -> dict:
+def run_tutorial_loop(data: Path, train_samples: int, epochs: int, test_samples: int, time_only: int = 0) -> dict:
     """The tutorial's loop over the first ``train_samples`` images (0 = all) for ``epochs``.
 
     ``time_only`` > 0: a throughput run that times ``time_only`` samples after a 20-batch warm-up.
@@ -97,7 +104,6 @@ def run_seed(data: Path, train_samples: int, epochs: int, test_samples: int, tim
         test_y = torch.tensor([testset[i][1] for i in range(test_n)], device=device)
         torch.manual_seed(0)
         net = Net().to(device)
-        criterion = nn.CrossEntropyLoss()
         optimizer = torch.optim.Adam(net.parameters(), lr=0.001)
         seen, train_s, curve = 0, 0.0, []
         for _ in range(1 if time_only else epochs):
@@ -107,11 +113,7 @@ def run_seed(data: Path, train_samples: int, epochs: int, test_samples: int, tim
                 if time_only and i == 20:  # warm-up over: time from here
                     sync()
                     t0, seen = time.perf_counter(), 0
-                inputs, labels = inputs.to(device), labels.to(device)
-                optimizer.zero_grad()
-                loss = criterion(net(inputs), labels)
-                loss.backward()
-                optimizer.step()
+                seed_step(net, optimizer, inputs.to(device), labels.to(device))
                 seen += len(labels)
             sync()
             train_s += time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """The tutorial CNN's training step under variants the default does not use: ``python -m bench.step_variants``.
 
-What the issue asked to measure before changing anything, on the stage's step (channels_last, AdamW,
-label smoothing, fp32 or bf16 autocast, a random uint8 batch turned into floats as the stage does):
+Each variant runs the train stage's own step (:func:`pipeline.recipe.step.train_step`, through
+``bench.profile_step.stage_step``) at the default recipe, in fp32 or under bf16 autocast, on random uint8 images:
 
 - ``base``: the step as the default recipe runs it;
 - ``inplace``: every ReLU in place (no new tensor for its output);
@@ -23,13 +23,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from bench.bench_stage import recipe_params
+from bench.profile_step import random_split, stage_step
 from pipeline.files import write_json
 from pipeline.model import ModelConfig, build_model
 from pipeline.provenance import cpu_model
+from pipeline.recipe.sampling import rank_batches
 
 VARIANTS = ("base", "inplace", "pool_first", "compile", "compile_max_autotune")
 COMPILE_MODES = {"compile": None, "compile_max_autotune": "max-autotune-no-cudagraphs"}
@@ -72,23 +76,13 @@ def variant_model(variant: str) -> nn.Module:
 def make_step(variant: str, bf16: bool, batch: int) -> Callable[[int], None]:
     """One training step of ``variant`` on the ``k``-th batch of a fixed random uint8 set."""
     model = variant_model(variant)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    forward = torch.compile(model, mode=COMPILE_MODES[variant]) if variant in COMPILE_MODES else model
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (16 * batch, 28, 28), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 10, (16 * batch,), generator=gen)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
-
-    def step(k: int) -> None:
-        rows = slice((k % 16) * batch, (k % 16 + 1) * batch)
-        x = images[rows].unsqueeze(1).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(forward(x), labels[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    if variant in COMPILE_MODES:
+        model = torch.compile(model, mode=COMPILE_MODES[variant])  # type: ignore[assignment]
+    cfg = replace(recipe_params("default").train, batch_size=batch)
+    data = random_split(16 * batch)
+    batches = list(rank_batches(len(data), batch_size=batch, seed=0, epoch=0))
+    step = stage_step(data, cfg, bf16, model)
+    return lambda k: step(batches[k % len(batches)])
 
 
 def measure(variants: list[str], bf16: bool, batch: int, rounds: int, steps: int) -> dict[str, dict]:

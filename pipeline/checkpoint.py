@@ -1,13 +1,10 @@
-"""Training checkpoints: full state, written atomically, kept per run, resumed only by the same run.
+"""Training checkpoints: the whole state of a run, captured, written atomically, checked and restored.
 
-Each run (a :class:`~pipeline.provenance.RunKey`: code, data, training params, process count) has its
-own folder, named by the key's fingerprint::
-
-    checkpoints/<fingerprint>/run.json             the key, to say later what differs
-    checkpoints/<fingerprint>/step-00000421/       one checkpoint, named by global step
-
-so an interrupted experiment keeps its state while others run, up to ``train.keep_runs`` runs. A
-checkpoint folder holds
+:func:`capture` takes a :class:`Checkpoint` of a :class:`~pipeline.recipe.optim.Learner` and where training
+stands; :func:`save_checkpoint` writes it; :func:`resumable` finds the newest one that fits the run at hand
+(:func:`misfit` says why one does not); :func:`restore` puts it back. Nothing else touches its fields. Run
+folders (``checkpoints/<run>/``) are :mod:`pipeline.runs`'. A checkpoint folder ``step-00000421`` (named by
+global step) holds
 
 - ``model.safetensors`` and ``best.safetensors``: current and best-by-validation weights;
 - ``ema.safetensors``, with ``train.ema`` on: the moving average of the weights (torch's ``AveragedModel``);
@@ -16,8 +13,7 @@ checkpoint folder holds
   of logged rows.
 
 It is built in a temporary folder and renamed into place, so a folder named ``step-*`` is always
-complete (pipeline/files.py); a kill during a save leaves only a ``.tmp-*`` folder, removed on the next start. Before a
-checkpoint is resumed, :func:`misfit` checks that every part fits the model and schedule at hand.
+complete (pipeline/files.py); a kill during a save leaves only a ``.tmp-*`` folder, removed on the next start.
 """
 
 from __future__ import annotations
@@ -34,11 +30,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.files import atomic_path, remove_partial, write_text
-from pipeline.provenance import RunKey, first_difference
+from pipeline.files import atomic_path
+from pipeline.recipe.optim import Learner
+from pipeline.recipe.step import SUM_CORRECT, SUM_LOSS, SUM_SAMPLES
 
 PREFIX = "step-"
-RUN_FILE = "run.json"
 EMA_FILE = "ema.safetensors"
 
 
@@ -52,6 +48,18 @@ class EpochSums:
 
     def finite(self) -> bool:
         return all(math.isfinite(x) for x in dataclasses.astuple(self))
+
+    @classmethod
+    def of(cls, sums: torch.Tensor) -> EpochSums:
+        """The running sums a training step adds to (:func:`pipeline.recipe.step.new_sums`)."""
+        values = sums.tolist()
+        return cls(loss=values[SUM_LOSS], correct=values[SUM_CORRECT], samples=values[SUM_SAMPLES])
+
+    def as_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """These sums in the layout a training step adds to."""
+        values = [0.0] * 3
+        values[SUM_LOSS], values[SUM_CORRECT], values[SUM_SAMPLES] = self.loss, self.correct, self.samples
+        return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 @dataclass
@@ -70,7 +78,9 @@ class TrainState:
 
 @dataclass
 class Checkpoint:
-    path: Path
+    """A run's whole state: where training stands, and the tensors of the model, optimizer, schedule and RNG."""
+
+    path: Path | None  # where it was read from (None: captured, not yet saved)
     state: TrainState
     model: dict[str, torch.Tensor]
     best: dict[str, torch.Tensor]
@@ -79,7 +89,7 @@ class Checkpoint:
     rng: torch.Tensor
     ema: dict[str, torch.Tensor] | None = None  # AveragedModel's state dict, with train.ema on
 
-    def result(self) -> dict[str, torch.Tensor]:
+    def scored(self) -> dict[str, torch.Tensor]:
         """The weights this checkpoint's run scores and exports: the moving average if it keeps one."""
         return self.model if self.ema is None else ema_weights(self.ema)
 
@@ -101,6 +111,47 @@ class Expected:
     steps_per_epoch: int
     fingerprint: str  # the run's key: a checkpoint made by another run never fits
     ema: dict[str, torch.Tensor] | None = None  # the fresh AveragedModel's state dict, with train.ema on
+
+
+def capture(learner: Learner, state: TrainState, best: dict[str, torch.Tensor] | None) -> Checkpoint:
+    """The state of ``learner`` and of training (``best``: the best weights so far; None: the scored ones now)."""
+    ema = None if learner.ema is None else learner.ema.state_dict()
+    return Checkpoint(
+        path=None,
+        state=state,
+        model=learner.network.state_dict(),
+        best=best if best is not None else learner.scored.state_dict(),
+        optimizer=learner.optimizer.state_dict(),
+        scheduler=learner.scheduler.state_dict(),
+        rng=torch.get_rng_state(),
+        ema=ema,
+    )
+
+
+def restore(ckpt: Checkpoint, learner: Learner) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Put ``ckpt`` back into ``learner`` (before it is prepared) and the CPU RNG; returns where training
+    stands and the best weights so far."""
+    learner.model.load_state_dict(ckpt.model)
+    learner.optimizer.load_state_dict(ckpt.optimizer)
+    learner.scheduler.load_state_dict(ckpt.scheduler)
+    if learner.ema is not None and ckpt.ema is not None:
+        learner.ema.load_state_dict(ckpt.ema)
+    torch.set_rng_state(ckpt.rng)
+    return ckpt.state, ckpt.best
+
+
+def expected_of(learner: Learner, epochs: int, steps_per_epoch: int, fingerprint: str) -> Expected:
+    """What a checkpoint must fit to resume ``learner`` (fresh, unprepared) in the run ``fingerprint``."""
+    return Expected(
+        model=learner.model.state_dict(),
+        param_shapes=[p.shape for p in learner.model.parameters()],
+        optimizer=learner.optimizer.state_dict(),
+        scheduler=learner.scheduler.state_dict(),
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        fingerprint=fingerprint,
+        ema=None if learner.ema is None else learner.ema.state_dict(),
+    )
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -130,30 +181,22 @@ def tensor_bytes(obj: object) -> int:
     return 0
 
 
-def save_checkpoint(
-    run: Path,
-    state: TrainState,
-    model: dict[str, torch.Tensor],
-    best: dict[str, torch.Tensor],
-    optimizer: dict[str, Any],
-    scheduler: dict[str, Any],
-    keep: int,
-    ema: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write one checkpoint atomically into the run folder ``run``, then drop all but the newest ``keep``.
+def save_checkpoint(run: Path, ckpt: Checkpoint, keep: int) -> Path:
+    """Write ``ckpt`` atomically into the run folder ``run``, then drop all but the newest ``keep``.
 
     The same step saved again (a resumed run finishing, say) replaces the one there.
     """
-    final = run / checkpoint_name(state.global_step)
-    with atomic_path(final, folder=True, needs=tensor_bytes((model, best, optimizer, ema))) as tmp:
-        save_file(_cpu(model), str(tmp / "model.safetensors"))
-        save_file(_cpu(best), str(tmp / "best.safetensors"))
-        if ema is not None:
-            save_file(_cpu(ema), str(tmp / EMA_FILE))
-        torch.save(optimizer, tmp / "optimizer.pt")
-        torch.save(scheduler, tmp / "scheduler.pt")
-        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1))
+    final = run / checkpoint_name(ckpt.state.global_step)
+    needs = tensor_bytes((ckpt.model, ckpt.best, ckpt.optimizer, ckpt.ema))
+    with atomic_path(final, folder=True, needs=needs) as tmp:
+        save_file(_cpu(ckpt.model), str(tmp / "model.safetensors"))
+        save_file(_cpu(ckpt.best), str(tmp / "best.safetensors"))
+        if ckpt.ema is not None:
+            save_file(_cpu(ckpt.ema), str(tmp / EMA_FILE))
+        torch.save(ckpt.optimizer, tmp / "optimizer.pt")
+        torch.save(ckpt.scheduler, tmp / "scheduler.pt")
+        save_file({"cpu": ckpt.rng}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(ckpt.state), indent=1))
     for old in list_checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -270,88 +313,3 @@ def resumable(run: Path, expected: Expected) -> tuple[Checkpoint | None, list[st
     so the run exports it without training again.
     """
     return latest_checkpoint(run, lambda ckpt: misfit(ckpt, expected))
-
-
-def start_run(root: Path, key: RunKey) -> Path:
-    """The run folder of ``key`` under ``root``, created with its ``run.json`` if new."""
-    run = root / key.fingerprint()
-    if not (run / RUN_FILE).is_file():
-        write_text(run / RUN_FILE, json.dumps(key.to_json(), indent=1, sort_keys=True))
-    return run
-
-
-def read_run_key(run: Path) -> RunKey | None:
-    try:
-        return RunKey.from_json(json.loads((run / RUN_FILE).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def list_runs(root: Path) -> list[Path]:
-    """Run folders under ``root``, least recently saved first."""
-    if not root.is_dir():
-        return []
-    runs = [p for p in root.iterdir() if p.is_dir() and (p / RUN_FILE).is_file()]
-    return sorted(runs, key=lambda p: max((c.stat().st_mtime for c in [p, *list_checkpoints(p)]), default=0.0))
-
-
-def remove_run(run: Path) -> None:
-    shutil.rmtree(run, ignore_errors=True)
-
-
-def progress(run: Path) -> str:
-    """How far the run in ``run`` got, from its newest checkpoint's name."""
-    found = list_checkpoints(run)
-    return f"saved at global step {int(found[-1].name[len(PREFIX) :])}" if found else "no checkpoint saved"
-
-
-def _why_not_others(root: Path, run: Path, key: RunKey) -> list[str]:
-    others = [p for p in list_runs(root) if p != run]
-    if not others:
-        return []
-    newest = others[-1]
-    other_key = read_run_key(newest)
-    diff = first_difference(other_key, key) if other_key else "its run.json is unreadable"
-    return [
-        f"no saved state of this run to resume; the newest other run {newest} ({progress(newest)}) differs in "
-        f"{diff}: starting fresh, and keeping that state for its own resume"
-    ]
-
-
-def _prune(root: Path, run: Path, keep_runs: int) -> list[str]:
-    others = [p for p in list_runs(root) if p != run]
-    notes = []
-    for old in others[: max(0, len(others) - (keep_runs - 1))]:
-        notes.append(f"removed the resume state of an older run {old} ({progress(old)}; train.keep_runs: {keep_runs})")
-        remove_run(old)
-    return notes
-
-
-def open_run(
-    root: Path, key: RunKey, expected: Expected, fresh: bool, keep_runs: int
-) -> tuple[Path, Checkpoint | None, list[str]]:
-    """Set up the run folder of ``key`` under ``root``: (folder, checkpoint to resume or None, lines to print).
-
-    ``fresh`` discards this run's checkpoints. Other runs' state is kept, the oldest removed beyond
-    ``keep_runs`` runs in all. When nothing resumes, a line names what differs from the newest other run.
-    """
-    run = root / key.fingerprint()
-    remove_partial(run)
-    notes: list[str] = []
-    legacy = list_checkpoints(root)  # step-* straight under root: an older layout, with no run key to match
-    if legacy:
-        notes.append(f"removed {len(legacy)} checkpoint(s) {root}/step-* of an older layout: no run can resume them")
-        for path in legacy:
-            shutil.rmtree(path, ignore_errors=True)
-    ckpt = None
-    if fresh:
-        if list_checkpoints(run):
-            notes.append(f"--fresh: removing this run's checkpoints in {run}")
-        remove_run(run)
-    else:
-        ckpt, passed_over = resumable(run, expected)
-        notes += passed_over
-        if ckpt is None and not passed_over:
-            notes += _why_not_others(root, run, key)
-    start_run(root, key)
-    return run, ckpt, notes + _prune(root, run, keep_runs)

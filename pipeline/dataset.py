@@ -2,7 +2,7 @@
 
 Pure apart from :func:`load_split`, which reads ``data/raw``. torch is imported only inside the
 functions that make tensors, so the download stage, which needs just the manifest, never loads it.
-Images stay ``uint8`` (N, 28, 28); :mod:`pipeline.batches` turns batches into floats.
+Images stay ``uint8`` (N, 28, 28); :func:`pipeline.recipe.augment.to_input` turns batches into floats.
 """
 
 from __future__ import annotations

@@ -21,23 +21,18 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from pipeline.accelerator import make_accelerator
+from pipeline.args import add_common_args, add_path_args
 from pipeline.dataset import Split, load_split
 from pipeline.errors import ModelArtifactError, cli
 from pipeline.files import atomic_path, check_outputs, write_json
+from pipeline.inference import eval_loader, predict
 from pipeline.memory import out_of_memory
 from pipeline.metrics import Predictions, classification_report, confusion_matrix
 from pipeline.model import artifact_info, load_artifact
 from pipeline.params import Params, load_params
 from pipeline.plots import label_grid, misclassified, write_per_class_csv, write_predictions_csv
-from pipeline.runtime import (
-    add_common_args,
-    add_path_args,
-    eval_loader,
-    make_accelerator,
-    predict,
-    say,
-    summary_table,
-)
+from pipeline.report import print_once, summary_table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         raise told from None
     if accelerator.is_main_process:
         write_outputs(scored, paths[1], paths[2])
-        say(accelerator, summary(scored, *paths, time.perf_counter() - start))
+        print_once(accelerator, summary(scored, *paths, time.perf_counter() - start))
     accelerator.wait_for_everyone()
     return 0
 

@@ -1,9 +1,6 @@
-"""Process guards for the train stage: one trainer per checkpoint folder, none outliving its launcher.
+"""The train stage's guard: no trainer outlives its launcher.
 
-- :func:`hold_checkpoint_dir` takes an OS file lock on the checkpoint folder for the run's life. A
-  second trainer on the same folder is refused in one line; the OS drops the lock when its holder
-  dies, however it dies, so a stale lock never blocks anyone.
-- :class:`Stopper` turns SIGTERM into a one-line :class:`~pipeline.errors.Stopped`, takes one Ctrl-C
+:class:`Stopper` turns SIGTERM into a one-line :class:`~pipeline.errors.Stopped`, takes one Ctrl-C
   (the terminal's and a launcher's copy of the same interrupt arrive both), and stops the
   run when the processes it was started by (``dvc``, the shell ``dvc`` ran, ``accelerate launch``,
   torchrun) are gone, so that no trainer trains on as an orphan.
@@ -11,70 +8,28 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import sys
 import threading
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
 import psutil
-from filelock import FileLock, Timeout
 
-from pipeline.errors import PipelineError, Stopped, launcher_stderr, outlive_launcher, path_problem
+from pipeline.errors import Stopped, launcher_stderr, outlive_launcher
 
-LOCK_FILE = ".lock"
-OWNER_FILE = ".owner.json"
-# Environment a launcher sets in the processes it starts: torchrun / accelerate's multi-process
-# launcher (LOCAL_RANK), accelerate's one-process launcher (ACCELERATE_MIXED_PRECISION).
-LAUNCHER_VARS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")
-
-
-@contextmanager
-def hold_checkpoint_dir(root: Path) -> Iterator[None]:
-    """Hold ``root``'s lock while the block runs; refuse in one line when another trainer holds it, or when
-    ``root`` cannot be a folder this user writes (a file or a dangling symlink in the way, no permission)."""
-    lock = FileLock(str(root / LOCK_FILE))
-    _take(root, lock)
-    try:
-        yield
-    finally:
-        (root / OWNER_FILE).unlink(missing_ok=True)
-        lock.release()
-
-
-def _take(root: Path, lock: FileLock) -> None:
-    """Make ``root``, take its ``lock`` and say who holds it in :data:`OWNER_FILE`, or say in one line why not."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise PipelineError(
-            f"{root} is in use by another trainer ({_owner(root)}); wait for it to end or stop it, "
-            "or give this run another --checkpoint-dir"
-        ) from None
-    except OSError as e:
-        raise PipelineError(f"checkpoint folder: {path_problem(e, 'pass another --checkpoint-dir')}") from None
-    try:
-        (root / OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                   "started": time.ctime()}))  # fmt: skip
-    except OSError as e:  # a folder used before, read-only now: its lock file opens, nothing new can be made
-        lock.release()
-        raise PipelineError(f"checkpoint folder: {path_problem(e, 'pass another --checkpoint-dir')}") from None
-
-
-def _owner(root: Path) -> str:
-    try:
-        info = json.loads((root / OWNER_FILE).read_text())
-        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "owner unknown"
+# set by a launcher in the processes it starts: torchrun's elastic agent (also under accelerate launch's
+# multi-process launcher), accelerate's one-process launcher, SLURM's srun, Open MPI's and MPICH's mpirun
+LAUNCHER_VARS = (
+    "TORCHELASTIC_RUN_ID",
+    "LOCAL_RANK",
+    "ACCELERATE_MIXED_PRECISION",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+)
 
 
 def _is_gone(proc: psutil.Process) -> bool:

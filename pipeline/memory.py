@@ -68,7 +68,7 @@ def out_of_memory(error: BaseException, step: tuple[str, int], inference: tuple[
     """The one-line error for an allocation that failed (None for any other error).
 
     ``step`` and ``inference`` name the params (and their values) whose batches a training step and a pass of
-    :func:`pipeline.runtime.predict` use; the failure's traceback tells which of the two ran out.
+    :func:`pipeline.inference.predict` use; the failure's traceback tells which of the two ran out.
     """
     oom = isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
     oom = oom or (isinstance(error, RuntimeError) and any(s in str(error) for s in CPU_OOM))

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.batches import to_input
 from pipeline.dataset import CLASSES, load_split
 from pipeline.errors import DataError, ModelArtifactError, cli
 from pipeline.files import check_outputs, write_text
 from pipeline.model import ModelConfig, artifact_info, load_artifact
+from pipeline.recipe.augment import to_input
 
 if TYPE_CHECKING:
     from PIL import Image

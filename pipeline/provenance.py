@@ -29,8 +29,8 @@ SOURCE_ROOT = PACKAGE.parent  # file names are relative to it: "pipeline/train.p
 
 
 def _module_file(module: str) -> Path | None:
-    path = SOURCE_ROOT / f"{module.replace('.', '/')}.py"
-    return path if path.is_file() else None
+    base = SOURCE_ROOT / module.replace(".", "/")
+    return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.is_file()), None)
 
 
 def import_closure(module: str) -> list[str]:
@@ -43,10 +43,12 @@ def import_closure(module: str) -> list[str]:
     seen: set[Path] = {PACKAGE / "__init__.py"}
     todo = [module]
     while todo:
-        path = _module_file(todo.pop())
+        module = todo.pop()
+        path = _module_file(module)
         if path is None or path in seen:
             continue
         seen.add(path)
+        todo += [module.rsplit(".", 1)[0]] if module.count(".") > 1 else []  # a subpackage's __init__ runs too
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == PACKAGE.name:  # from pipeline import data
                 todo += [f"{PACKAGE.name}.{a.name}" for a in node.names]

@@ -15,47 +15,36 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     TorchDynamoPlugin,
     broadcast_object_list,
-    is_dvclive_available,
     set_seed,
 )
 from torch import nn
 
-from pipeline.batches import local_batch, steps_per_epoch
-from pipeline.checkpoint import (
-    Checkpoint,
-    Expected,
-    TrainState,
-    open_run,
-    remove_run,
-)
-from pipeline.dataset import CLASSES, Split, load_split, train_val_split
+from pipeline.accelerator import env_count, make_accelerator
+from pipeline.args import add_common_args, add_path_args
+from pipeline.checkpoint import Checkpoint, Expected, TrainState, expected_of, restore
+from pipeline.dataset import Split, load_split, train_val_split
 from pipeline.errors import DVC_STAGE_VAR, DataError, PipelineError, cli
 from pipeline.files import check_outputs
-from pipeline.guard import Stopper, hold_checkpoint_dir, starters
+from pipeline.guard import Stopper, starters
+from pipeline.inference import eval_loader
 from pipeline.memory import activation_bytes, available_memory, check_batch_fits, out_of_memory
 from pipeline.model import ModelConfig, build_model, save_artifact
-from pipeline.params import MIXED_PRECISIONS, TRAIN_SECTIONS, Params, TrainParams, as_dict, load_params
-from pipeline.plots import first_of_each_class, label_grid
+from pipeline.params import MIXED_PRECISIONS, Params, TrainParams, load_params
 from pipeline.provenance import RunKey, environment, run_key
-from pipeline.runtime import (
-    add_common_args,
-    add_path_args,
-    env_count,
-    eval_loader,
-    make_accelerator,
-    say,
-    summary_table,
-)
-from pipeline.trainer import Trainer, make_ema, make_optimizer, make_schedule
+from pipeline.recipe.optim import Learner, make_learner
+from pipeline.recipe.sampling import local_batch, steps_per_epoch
+from pipeline.report import print_once, summary_table
+from pipeline.runs import hold_checkpoint_dir, open_run, remove_run
+from pipeline.tracking import Tracker, log_with
+from pipeline.trainer import Standing, TrainData, Trainer
 from pipeline.watchdog import Heartbeat, stall_timeout
 
 
@@ -124,18 +113,6 @@ def check_step_fits(model: nn.Module, cfg: ModelConfig, train: TrainParams, acce
     check_batch_fits(per_sample, micro, world, train.grad_accum, free, str(device))
 
 
-def resume_or_start(
-    accelerator: Accelerator, root: Path, key: RunKey, expected: Expected, fresh: bool, keep_runs: int
-) -> tuple[Path, Checkpoint | None, list[str]]:
-    """Pick the checkpoint to resume on the main process and send it to all (no shared disk needed)."""
-    found: list[object] = [root / key.fingerprint(), None, []]
-    if accelerator.is_main_process:
-        found = list(open_run(root, key, expected, fresh, keep_runs))
-    if accelerator.num_processes > 1:
-        broadcast_object_list(found, from_process=0)
-    return found[0], found[1], found[2]  # type: ignore[return-value]
-
-
 def check_launcher_precision(cfg: TrainParams, env: Mapping[str, str] | None = None) -> None:
     """Refuse a launcher precision that params.yaml does not record (the launcher's ``no`` means: not set)."""
     launcher = (os.environ if env is None else env).get("ACCELERATE_MIXED_PRECISION", "no")
@@ -190,42 +167,36 @@ def run(params: Params, paths: Paths, cpu_threads: int, fresh: bool, keep_state:
     cfg = params.train
     check_compiler(cfg)
     check_launcher_precision(cfg)
-    # Without dvclive (a bare GPU image, say) training still runs; metrics are only printed.
-    live_available = is_dvclive_available()
-    accelerator = make_accelerator(
-        cpu_threads, log_with="dvclive" if live_available else None, **accelerator_options(cfg)
-    )
+    accelerator = make_accelerator(cpu_threads, log_with=log_with(), **accelerator_options(cfg))
     with ExitStack() as stack:
         if accelerator.is_main_process:  # only the main process writes checkpoints; it holds the folder
             stack.enter_context(hold_checkpoint_dir(paths.checkpoint_dir))
         heartbeat = stack.enter_context(Heartbeat.of_group(accelerator.process_index, accelerator.num_processes))
         try:
-            train_and_export(accelerator, params, paths, fresh, keep_state, live_available, heartbeat)
+            train_and_export(accelerator, params, paths, fresh, keep_state, heartbeat)
         except (RuntimeError, MemoryError) as e:
-            told = heartbeat.stalled(e, stall_timeout()) or out_of_memory(
+            reason = heartbeat.stalled(e, stall_timeout()) or out_of_memory(
                 e, ("train.batch_size", cfg.batch_size), ("train.eval_batch_size", cfg.eval_batch_size)
             )
-            if told is None:
+            if reason is None:
                 raise
-            raise told from None
+            raise reason from None
 
 
 @dataclass
-class Parts:
-    """What ``build`` makes: the data, the run's key, and the unprepared model, optimizer and schedule."""
+class Built:
+    """What :func:`build` makes: the data, the run's key, and the unprepared model with its learner."""
 
     full: Split  # the training split before validation is carved out (for the sample grid)
     train: Split
     val: Split
     key: RunKey
     model_cfg: ModelConfig
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    learner: Learner
     steps: int  # optimizer steps per epoch
 
 
-def build(accelerator: Accelerator, params: Params, data: Path) -> Parts:
+def build(accelerator: Accelerator, params: Params, data: Path) -> Built:
     """Seed, read and split the data, and make the model, AdamW and the schedule (in that order: the RNG)."""
     cfg = params.train
     if accelerator.device.type == "cuda":
@@ -241,87 +212,69 @@ def build(accelerator: Accelerator, params: Params, data: Path) -> Parts:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     if cfg.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and on GPU tensor cores
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
     steps = steps_per_epoch(len(train), cfg.batch_size)
-    # Not prepared: Accelerate would step it once per process per step.
-    scheduler = make_schedule(optimizer, cfg, cfg.epochs * steps)
+    learner = make_learner(model, cfg, cfg.epochs * steps, accelerator.device)
     key = run_key(params, data, accelerator.num_processes)
-    return Parts(full, train, val, key, model_cfg, model, optimizer, scheduler, steps)
+    return Built(full, train, val, key, model_cfg, learner, steps)
 
 
-def restore(accelerator: Accelerator, parts: Parts, cfg: TrainParams, root: Path, fresh: bool, live: bool) -> Trainer:
-    """Resume this run's newest fitting checkpoint, or start fresh; prepare; return the trainer."""
-    model, optimizer, scheduler = parts.model, parts.optimizer, parts.scheduler
-    ema = make_ema(model, cfg, accelerator.device)
-    expected = Expected(
-        model=model.state_dict(),
-        param_shapes=[p.shape for p in model.parameters()],
-        optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(),
-        epochs=cfg.epochs,
-        steps_per_epoch=parts.steps,
-        fingerprint=parts.key.fingerprint(),
-        ema=None if ema is None else ema.state_dict(),
-    )
-    run_dir, ckpt, notes = resume_or_start(accelerator, root, parts.key, expected, fresh, cfg.keep_runs)
+def resume_or_start(
+    accelerator: Accelerator, root: Path, key: RunKey, expected: Expected, fresh: bool, keep_runs: int
+) -> tuple[Path, Checkpoint | None, list[str]]:
+    """Pick the checkpoint to resume on the main process and send it to all (no shared disk needed)."""
+    found: list[object] = [root / key.fingerprint(), None, []]
+    if accelerator.is_main_process:
+        found = list(open_run(root, key, expected, fresh, keep_runs))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found, from_process=0)
+    return found[0], found[1], found[2]  # type: ignore[return-value]
+
+
+def start_trainer(
+    accelerator: Accelerator, built: Built, params: Params, paths: Paths, fresh: bool, heartbeat: Heartbeat | None
+) -> Trainer:
+    """Resume this run's newest fitting checkpoint, or start fresh; prepare; start tracking; return the trainer."""
+    cfg, learner = params.train, built.learner
+    expected = expected_of(learner, cfg.epochs, built.steps, built.key.fingerprint())
+    run_dir, ckpt, notes = resume_or_start(accelerator, paths.checkpoint_dir, built.key, expected, fresh, cfg.keep_runs)
     for note in notes:
-        say(accelerator, note)
-    state, best = TrainState(fingerprint=parts.key.fingerprint()), None
+        print_once(accelerator, note)
+    standing = Standing(TrainState(fingerprint=built.key.fingerprint()))
     if ckpt is not None:
-        model.load_state_dict(ckpt.model)
-        optimizer.load_state_dict(ckpt.optimizer)
-        scheduler.load_state_dict(ckpt.scheduler)
-        if ema is not None and ckpt.ema is not None:
-            ema.load_state_dict(ckpt.ema)
-        torch.set_rng_state(ckpt.rng)
-        state, best = ckpt.state, ckpt.best
-        say(accelerator, resume_line(ckpt.path, state, parts.steps, cfg.epochs))
-    model, optimizer, val_loader = accelerator.prepare(model, optimizer, eval_loader(parts.val, cfg.eval_batch_size))
-    train = parts.train.to(accelerator.device)  # the whole uint8 set lives on the device; batches are index slices
-    return Trainer(accelerator, model, optimizer, scheduler, train, val_loader, cfg, state, best, run_dir, live, ema)
+        standing = Standing(*restore(ckpt, learner))
+        print_once(accelerator, resume_line(ckpt.path, standing.state, built.steps, cfg.epochs))
+    # Not prepared: Accelerate would step the schedule once per process per step.
+    val_loader = eval_loader(built.val, cfg.eval_batch_size)
+    model, optimizer, val = accelerator.prepare(learner.model, learner.optimizer, val_loader)
+    learner = replace(learner, model=model, optimizer=optimizer)
+    data = TrainData(built.train.to(accelerator.device), val)  # the whole uint8 set on the device
+    tracker = Tracker(accelerator, paths.live_dir, params)
+    tracker.replay(standing.state.history)
+    tracker.log_samples(built.full)
+    print_once(accelerator, start_line(accelerator, built, cfg, run_dir))
+    return Trainer(accelerator, learner, data, cfg, standing, run_dir, tracker, heartbeat)
 
 
-def resume_line(path: Path, state: TrainState, steps: int, epochs: int) -> str:
+def start_line(accelerator: Accelerator, built: Built, cfg: TrainParams, run_dir: Path) -> str:
+    """What the run trains on, where, and how."""
+    where = str(accelerator.device)
+    if accelerator.device.type == "cpu":  # cpu, also where a multi-machine launch says cpu:0
+        where = f"cpu ({torch.get_num_threads()} threads)"
+    return (
+        f"train: {len(built.train)} samples, val: {len(built.val)}, {accelerator.num_processes} process(es) on "
+        f"{where}, {built.steps} steps/epoch of {cfg.batch_size}, mixed precision: {cfg.mixed_precision}, "
+        f"run {run_dir}"
+    )
+
+
+def resume_line(path: Path | None, state: TrainState, steps: int, epochs: int) -> str:
     """What a resumed run says: where it goes on from, or that its training is done and only the export is left."""
     if state.epoch == epochs:
         return f"{path} is the end of this run's training, whose model was not written: exporting it, no training left"
     return f"resuming from {path} (epoch {state.epoch + 1}, step {state.step} of {steps})"
 
 
-def stage_params(params: Params) -> dict[str, Any]:
-    """The params this stage reads, flat (``"train.lr": 0.002``), as DVCLive records them beside the metrics."""
-    return {f"{s}.{k}": v for s in TRAIN_SECTIONS for k, v in as_dict(getattr(params, s)).items()}
-
-
-def start_logging(accelerator: Accelerator, params: Params, live_dir: Path, trainer: Trainer, parts: Parts) -> None:
-    """DVCLive through Accelerate's tracker: the params, the epochs a resumed run did not see, a sample grid."""
-    accelerator.init_trackers(
-        "fashion-mnist",
-        config=stage_params(params),
-        init_kwargs={"dvclive": {"dir": str(live_dir), "save_dvc_exp": False, "dvcyaml": None}},
-    )
-    for i, row in enumerate(trainer.state.history, start=1):  # a resumed run rewrites the epochs it did not see
-        trainer.log(row, step=i)
-    if not trainer.live:
-        say(accelerator, "dvclive is not installed: per-epoch metrics are printed, not written")
-    elif accelerator.is_main_process:
-        full = parts.full
-        picks = first_of_each_class(full.images, full.labels, per_class=4)
-        grid = label_grid(full.images[picks], [CLASSES[int(k)] for k in full.labels[picks]], cols=8)
-        accelerator.get_tracker("dvclive", unwrap=True).log_image("train_samples.png", grid)
-    where = str(accelerator.device)
-    if accelerator.device.type == "cpu":  # cpu, also where a multi-machine launch says cpu:0
-        where = f"cpu ({torch.get_num_threads()} threads)"
-    cfg = params.train
-    say(
-        accelerator,
-        f"train: {len(parts.train)} samples, val: {len(parts.val)}, {accelerator.num_processes} process(es) on "
-        f"{where}, {parts.steps} steps/epoch of {cfg.batch_size}, mixed precision: {cfg.mixed_precision}, "
-        f"run {trainer.run_dir}",
-    )
-
-
-def export(trainer: Trainer, parts: Parts, model_dir: Path, keep_state: bool) -> tuple[int, float]:
+def export(trainer: Trainer, built: Built, model_dir: Path, keep_state: bool) -> tuple[int, float]:
     """Write the model artifact with its provenance (main process); returns (its epoch, its val accuracy)."""
     accelerator, cfg, state = trainer.accelerator, trainer.cfg, trainer.state
     accelerator.wait_for_everyone()
@@ -329,17 +282,18 @@ def export(trainer: Trainer, parts: Parts, model_dir: Path, keep_state: bool) ->
     final_epoch = state.best_epoch if use_best else cfg.epochs - 1
     final_val = state.best_val if use_best else state.history[-1]["accuracy/val"]
     if accelerator.is_main_process:
-        final = trainer.best if use_best and trainer.best is not None else trainer.result()
-        out = build_model(parts.model_cfg)
+        scored = trainer.learner.scored.state_dict()
+        final = trainer.best if use_best and trainer.best is not None else scored
+        out = build_model(built.model_cfg)
         out.load_state_dict(final)
-        provenance = {"fingerprint": parts.key.fingerprint(), **parts.key.to_json()}
+        provenance = {"fingerprint": built.key.fingerprint(), **built.key.to_json()}
         provenance.update(environment(accelerator.device, accelerator.mixed_precision))
         extra = {"final_model": cfg.final_model, "epoch": final_epoch + 1, "val_accuracy": final_val,
                  "best_val_accuracy": state.best_val, "best_epoch": state.best_epoch + 1}  # fmt: skip
-        save_artifact(out, parts.model_cfg, model_dir, extra={**extra, "provenance": provenance})
+        save_artifact(out, built.model_cfg, model_dir, extra={**extra, "provenance": provenance})
         if not keep_state:  # the model is written, so the run's state is no longer needed
             remove_run(trainer.run_dir)
-    accelerator.end_training()
+    trainer.tracker.end()
     return final_epoch, final_val
 
 
@@ -356,21 +310,18 @@ def train_and_export(
     paths: Paths,
     fresh: bool,
     keep_state: bool,
-    live: bool,
     heartbeat: Heartbeat | None = None,
 ) -> None:
     """Build, restore (or start), fit, export; then the summary."""
     cfg = params.train
-    parts = build(accelerator, params, paths.data)
-    trainer = restore(accelerator, parts, cfg, paths.checkpoint_dir, fresh, live)
-    trainer.heartbeat = heartbeat
-    start_logging(accelerator, params, paths.live_dir, trainer, parts)
+    built = build(accelerator, params, paths.data)
+    trainer = start_trainer(accelerator, built, params, paths, fresh, heartbeat)
     start = time.perf_counter()
     for epoch in range(trainer.state.epoch, cfg.epochs):
         trainer.run_epoch(epoch)
-    final_epoch, final_val = export(trainer, parts, paths.model_dir, keep_state)
+    final_epoch, final_val = export(trainer, built, paths.model_dir, keep_state)
     state = trainer.state
-    say(
+    print_once(
         accelerator,
         summary_table(
             [

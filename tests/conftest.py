@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from pipeline.dataset import SPLIT_FILES
-from pipeline.params import with_overrides
+from pipeline.params import Params, parse_params, with_overrides
 from pipeline.train import Paths, command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +112,11 @@ def full_params(*overrides: dict) -> dict:
     for layer in overrides:
         params = with_overrides(params, layer)
     return params
+
+
+def default_params(*overrides: dict) -> Params:
+    """:func:`full_params` as typed params: params.yaml's values, with ``overrides`` laid over them."""
+    return parse_params(full_params(*overrides))
 
 
 TINY = {

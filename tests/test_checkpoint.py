@@ -1,42 +1,55 @@
-import dataclasses
 import json
 import math
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.checkpoint import (
     EpochSums,
     Expected,
     TrainState,
+    capture,
+    expected_of,
     latest_checkpoint,
     list_checkpoints,
-    list_runs,
     misfit,
-    open_run,
     read_checkpoint,
+    restore,
     resumable,
     save_checkpoint,
 )
 from pipeline.files import remove_partial
-from pipeline.provenance import RunKey
+from pipeline.recipe.optim import Learner
 
 EPOCHS, STEPS = 3, 10  # the run these checkpoints belong to: 3 epochs of 10 steps
 
 
-def parts(seed: int = 0, width: int = 2):
+def learner(seed: int = 0, width: int = 2, ema: float = 0.0) -> Learner:
     torch.manual_seed(seed)
     model = nn.Linear(3, width)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=EPOCHS * STEPS)
-    return model, opt, sched
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True) if ema else None
+    return Learner(model, opt, sched, average)
 
 
-def expected(width: int = 2) -> Expected:
-    model, opt, sched = parts(width=width)
-    return Expected(model.state_dict(), [p.shape for p in model.parameters()], opt.state_dict(), sched.state_dict(),
-                    EPOCHS, STEPS, "abc")  # fmt: skip
+def expected(width: int = 2, ema: float = 0.0) -> Expected:
+    return expected_of(learner(width=width, ema=ema), EPOCHS, STEPS, "abc")
+
+
+def trained(step: int, width: int = 2, ema: float = 0.0) -> Learner:
+    """A learner after ``step`` optimizer and schedule steps."""
+    learned = learner(step, width, ema)
+    for _ in range(step):
+        learned.model(torch.ones(1, 3)).sum().backward()
+        learned.optimizer.step()
+        learned.scheduler.step()
+        learned.optimizer.zero_grad()
+        if learned.ema is not None:
+            learned.ema.update_parameters(learned.model)
+    return learned
 
 
 def state(step: int, fp: str = "abc") -> TrainState:
@@ -48,19 +61,21 @@ def state(step: int, fp: str = "abc") -> TrainState:
 
 def save(run, step, keep=5, width=2):
     """A real checkpoint after ``step`` optimizer and schedule steps."""
-    model, opt, sched = parts(step, width)
-    for _ in range(step):
-        model(torch.ones(1, 3)).sum().backward()
-        opt.step()
-        sched.step()
-    return save_checkpoint(run, state(step), model.state_dict(), model.state_dict(), opt.state_dict(),
-                           sched.state_dict(), keep)  # fmt: skip
+    return save_checkpoint(run, capture(trained(step, width), state(step), best=None), keep)
 
 
-def key(**changes) -> RunKey:
-    base = {"code": {"pipeline/train.py": "aa"}, "data": {"train-images-idx3-ubyte": "bb"},
-            "params": {"train.lr": 0.002, "train.mixed_precision": "fp32"}, "processes": 1}  # fmt: skip
-    return RunKey(**{**base, **changes})
+def test_restore_puts_back_every_part_that_capture_took(tmp_path):
+    source = trained(7, ema=0.9)
+    before = torch.get_rng_state()
+    path = save_checkpoint(tmp_path, capture(source, state(7), best=None), keep=2)
+    torch.manual_seed(123)  # the RNG moves on; restore brings it back to the moment of the capture
+    target = learner(seed=99, ema=0.9)
+    got_state, best = restore(read_checkpoint(path), target)
+    assert got_state == state(7) and torch.equal(torch.get_rng_state(), before)
+    for a, b in ((source.model, target.model), (source.ema, target.ema)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert target.optimizer.state_dict()["state"][0]["step"] == 7 and target.scheduler.last_epoch == 7
+    assert all(torch.equal(best[k], v) for k, v in source.ema.module.state_dict().items())  # the scored weights
 
 
 def test_round_trip_restores_every_part(tmp_path):
@@ -76,29 +91,21 @@ def test_round_trip_restores_every_part(tmp_path):
 
 
 def test_a_moving_average_round_trips_and_must_be_there_exactly_when_the_run_keeps_one(tmp_path):
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    model, opt, sched = parts()
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
-    for _ in range(3):
-        model(torch.ones(1, 3)).sum().backward()
-        opt.step()
-        sched.step()
-        ema.update_parameters(model)
-    path = save_checkpoint(tmp_path, state(3), model.state_dict(), model.state_dict(), opt.state_dict(),
-                           sched.state_dict(), 5, ema=ema.state_dict())  # fmt: skip
+    learned = trained(3, ema=0.9)
+    path = save_checkpoint(tmp_path, capture(learned, state(3), best=None), 5)
     ckpt = read_checkpoint(path)
-    assert ckpt.ema is not None and ckpt.ema.keys() == ema.state_dict().keys()
-    assert all(torch.equal(ckpt.ema[k], v) for k, v in ema.state_dict().items())
+    averaged = learned.ema.state_dict()
+    assert ckpt.ema is not None and ckpt.ema.keys() == averaged.keys()
+    assert all(torch.equal(ckpt.ema[k], v) for k, v in averaged.items())
     assert int(ckpt.ema["n_averaged"]) == 3
-    result = ckpt.result()  # what the run scores and exports: the average, under the model's own names
-    assert result.keys() == model.state_dict().keys() and not torch.equal(result["weight"], model.weight.detach())
-    fresh = AveragedModel(parts()[0], multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True).state_dict()
-    with_ema = dataclasses.replace(expected(), ema=fresh)
+    scored = ckpt.scored()  # what the run scores and exports: the average, under the model's own names
+    assert scored.keys() == learned.model.state_dict().keys()
+    assert not torch.equal(scored["weight"], learned.model.weight.detach())
+    with_ema = expected(ema=0.9)
     assert misfit(ckpt, with_ema) is None
     assert misfit(ckpt, expected()) == "it holds a moving average of the weights, which this run does not keep"
     plain = read_checkpoint(save(tmp_path / "plain", 3))
-    assert plain.ema is None and plain.result() is plain.model
+    assert plain.ema is None and plain.scored() is plain.model
     assert misfit(plain, with_ema) == "it holds no moving average of the weights (train.ema)"
 
 
@@ -243,64 +250,3 @@ def test_no_checkpoints_means_a_fresh_start_without_notes(tmp_path):
 def test_state_json_is_plain_json(tmp_path):
     path = save(tmp_path, 1)
     assert json.loads((path / "state.json").read_text())["global_step"] == 1
-
-
-def test_each_run_has_its_own_folder_and_another_runs_state_is_kept_and_named(tmp_path):
-    first = key()
-    run, ckpt, notes = open_run(tmp_path, first, expected(), fresh=False, keep_runs=3)
-    assert run == tmp_path / first.fingerprint() and ckpt is None and notes == []
-    save(run, 4)
-    second = key(params={"train.lr": 0.004, "train.mixed_precision": "fp32"})
-    other, ckpt, notes = open_run(tmp_path, second, expected(), fresh=False, keep_runs=3)
-    assert other != run and ckpt is None
-    assert notes == [f"no saved state of this run to resume; the newest other run {run} (saved at global step 4) "
-                     "differs in param train.lr (0.002 there, 0.004 now): starting fresh, and keeping that state "
-                     "for its own resume"]  # fmt: skip
-    back, ckpt, notes = open_run(tmp_path, first, expected(), fresh=False, keep_runs=3)
-    assert back == run and ckpt is not None and ckpt.state.global_step == 4 and notes == []
-
-
-@pytest.mark.parametrize(
-    ("changes", "named"),
-    [
-        ({"code": {"pipeline/train.py": "a2"}}, "code (pipeline/train.py changed)"),
-        ({"code": {"pipeline/train.py": "aa", "pipeline/new.py": "cc"}}, "code (pipeline/new.py added)"),
-        ({"data": {"train-images-idx3-ubyte": "b2"}}, "data (train-images-idx3-ubyte changed)"),
-        ({"params": {"train.lr": 0.002, "train.mixed_precision": "bf16"}},
-         "precision train.mixed_precision ('fp32' there, 'bf16' now)"),
-        ({"processes": 2}, "process count (1 there, 2 now)"),
-    ],
-    ids=["code", "new-file", "data", "precision", "processes"],
-)  # fmt: skip
-def test_starting_fresh_names_the_first_thing_that_differs(tmp_path, changes, named):
-    run, _, _ = open_run(tmp_path, key(), expected(), fresh=False, keep_runs=3)
-    save(run, 4)
-    _, ckpt, notes = open_run(tmp_path, key(**changes), expected(), fresh=False, keep_runs=3)
-    assert ckpt is None and len(notes) == 1 and f"differs in {named}: starting fresh" in notes[0]
-
-
-def test_runs_beyond_keep_runs_lose_their_state_oldest_first(tmp_path):
-    runs = []
-    for lr in (0.1, 0.2, 0.3):
-        run, _, _ = open_run(tmp_path, key(params={"train.lr": lr}), expected(), fresh=False, keep_runs=2)
-        save(run, 4)
-        runs.append(run)
-    assert list_runs(tmp_path) == runs[1:]  # the third run pushed out the first
-    assert not runs[0].exists()
-
-
-def test_fresh_discards_only_this_runs_state(tmp_path):
-    mine, _, _ = open_run(tmp_path, key(), expected(), fresh=False, keep_runs=3)
-    save(mine, 4)
-    other, _, _ = open_run(tmp_path, key(processes=2), expected(), fresh=False, keep_runs=3)
-    save(other, 6)
-    run, ckpt, notes = open_run(tmp_path, key(), expected(), fresh=True, keep_runs=3)
-    assert run == mine and ckpt is None and notes == [f"--fresh: removing this run's checkpoints in {mine}"]
-    assert list_checkpoints(mine) == [] and len(list_checkpoints(other)) == 1
-
-
-def test_checkpoints_of_the_older_layout_are_removed_with_a_line(tmp_path):
-    save(tmp_path, 4)  # checkpoints/step-00000004: no run folder, no run key
-    run, ckpt, notes = open_run(tmp_path, key(), expected(), fresh=False, keep_runs=3)
-    assert ckpt is None and list_checkpoints(tmp_path) == []
-    assert notes == [f"removed 1 checkpoint(s) {tmp_path}/step-* of an older layout: no run can resume them"]

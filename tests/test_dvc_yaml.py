@@ -81,7 +81,7 @@ def test_each_stage_reads_no_params_beyond_those_dvc_yaml_lists_for_it(stage, tm
 
 
 def test_a_stage_that_reads_an_undeclared_param_fails_that_check():
-    params = only_declared(Params(), {"data.subset", "evaluate"})
+    params = only_declared(parse_params(full_params()), {"data.subset", "evaluate"})
     assert params.data.subset == 0 and params.evaluate.batch_size == 1000
     with pytest.raises(AssertionError, match=r"read data\.val_size, which dvc.yaml does not list"):
         params.data.val_size + 1

@@ -5,10 +5,11 @@ import subprocess
 import pytest
 import torch
 
+from pipeline.accelerator import make_accelerator
 from pipeline.dataset import CLASSES, load_split
 from pipeline.evaluate import command, main
+from pipeline.inference import eval_loader, predict
 from pipeline.model import ModelConfig, build_model, load_artifact, save_artifact
-from pipeline.runtime import eval_loader, make_accelerator, predict
 from tests.conftest import FILE_MODES_BIND, REPO, child_env
 
 

@@ -99,12 +99,14 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_old_file_is_kept(small_
 def test_a_checkpoint_that_does_not_fit_is_one_line_not_a_torch_traceback(small_disk):
     import torch
 
-    from pipeline.checkpoint import TrainState, save_checkpoint
+    from pipeline.checkpoint import Checkpoint, TrainState, save_checkpoint
 
     weights = {"w": torch.zeros(300_000)}  # 1.2 MB: does not fit
     optimizer = {"state": {0: {"exp_avg": torch.zeros(100_000)}}, "param_groups": [{"lr": 0.1}]}
     with pytest.raises(DiskFullError) as caught:
-        save_checkpoint(small_disk, TrainState(fingerprint="f"), weights, weights, optimizer, {}, keep=2)
+        state = TrainState(fingerprint="f")
+        ckpt = Checkpoint(None, state, weights, weights, optimizer, {}, torch.get_rng_state())
+        save_checkpoint(small_disk, ckpt, keep=2)
     line = str(caught.value)  # needs: model + best + optimizer; free: the whole 1 MiB, the partial write gone
     assert line.startswith(f"no space left on device writing {small_disk}/step-00000000 (it needs about 2.7 MiB, ")
     assert f" 1.0 MiB free in {small_disk}); free space there" in line

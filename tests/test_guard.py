@@ -1,4 +1,4 @@
-"""The train stage's process guards, on real processes: the checkpoint-folder lock, SIGTERM, a dead launcher."""
+"""The train stage's process guard, on real processes: SIGTERM, a dead launcher."""
 
 from __future__ import annotations
 
@@ -13,19 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.errors import ERROR_DIR_VAR, PipelineError
-from pipeline.guard import hold_checkpoint_dir, starters
+from pipeline.errors import ERROR_DIR_VAR
+from pipeline.guard import starters
 from pipeline.train import Paths, command
 from tests.conftest import FILE_MODES_BIND, REPO, child_env, train_command
-
-HOLD = """
-import sys, time
-from pathlib import Path
-from pipeline.guard import hold_checkpoint_dir
-with hold_checkpoint_dir(Path(sys.argv[1])):
-    print("held", flush=True)
-    time.sleep(120)
-"""
 
 # A run under the Stopper, as the train stage has it: it prints its pid, then "trains" until stopped.
 GUARDED = """
@@ -53,19 +44,6 @@ time.sleep(120)
 
 def python(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], cwd=REPO, text=True, **kwargs)
-
-
-def test_a_held_checkpoint_folder_is_refused_and_freed_when_its_holder_dies(tmp_path):
-    holder = python("-c", HOLD, str(tmp_path), stdout=subprocess.PIPE)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    with pytest.raises(PipelineError, match=rf"is in use by another trainer \(pid {holder.pid} on .*, started"):
-        with hold_checkpoint_dir(tmp_path):
-            pass
-    holder.send_signal(signal.SIGKILL)  # no cleanup runs: the OS drops the lock with the process
-    holder.communicate()
-    with hold_checkpoint_dir(tmp_path):
-        assert (tmp_path / ".owner.json").is_file()
-    assert not (tmp_path / ".owner.json").exists()
 
 
 def test_sigterm_ends_a_guarded_run_in_one_line_with_exit_143():

@@ -33,7 +33,7 @@ def allocate_too_much() -> None:
     torch.empty(2**60, dtype=torch.uint8)  # the CPU allocator's own failure
 
 
-def predict() -> None:  # named as pipeline.runtime.predict: the failure comes from inference
+def predict() -> None:  # named as pipeline.inference.predict: the failure comes from inference
     allocate_too_much()
 
 

@@ -176,7 +176,7 @@ def test_corrupt_weights_are_reported(tmp_path):
 
 
 def test_compiled_model_unwraps_to_plain_keys_for_the_artifact(tmp_path):
-    from pipeline.runtime import make_accelerator
+    from pipeline.accelerator import make_accelerator
 
     accelerator = make_accelerator()
     compiled = torch.compile(build_model(ModelConfig()))  # lazy: nothing is compiled here

@@ -16,8 +16,11 @@ def test_repo_params_file_loads_with_documented_defaults():
     assert params.train.batch_size >= 1 and params.train.lr > 0
 
 
-def test_empty_sections_take_defaults():
-    assert parse_params({}) == Params()
+def test_the_schema_holds_no_values_so_params_yaml_is_the_one_place_for_them():
+    with pytest.raises(ParamsError, match=r"^data\.subset is missing; params\.yaml must set every key"):
+        parse_params({})
+    with pytest.raises(TypeError):
+        Params()  # type: ignore[call-arg]  # no defaults in code: tests build params from params.yaml too
 
 
 def test_exponent_floats_parse_as_numbers(tmp_path):
@@ -50,7 +53,7 @@ def test_a_recipe_passed_as_params_is_refused_with_the_exp_run_line_to_use():
 
 
 def test_training_params_leave_out_the_bookkeeping_knobs():
-    shaping = training_params(Params())
+    shaping = training_params(load_params(REPO / "params.yaml"))
     assert shaping["train.lr"] == 0.002 and shaping["train.mixed_precision"] == "fp32"
     assert shaping["data.val_size"] == 6000 and shaping["model.name"] == "tutorial_cnn"
     for knob in ("eval_batch_size", "checkpoint_every_steps", "keep_checkpoints", "keep_runs"):

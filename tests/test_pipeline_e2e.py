@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.dataset import CLASSES
-from pipeline.trainer import TRACES
+from pipeline.tracking import TRACES
 from tests.conftest import E2E, EXPERIMENTS, copy_repo, set_params, sh, slurm_job
 
 REPO = Path(__file__).resolve().parents[1]

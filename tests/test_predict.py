@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from pipeline import predict
-from pipeline.batches import to_input
 from pipeline.dataset import CLASSES, load_split
 from pipeline.model import CONFIG_FILE, ModelConfig, build_model, save_artifact
+from pipeline.recipe.augment import to_input
 from tests.conftest import REPO
 
 

@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoint import list_checkpoints, read_checkpoint
 from pipeline.train import main
-from tests.conftest import REPO, reset_accelerate_state
+from tests.conftest import REPO, default_params, reset_accelerate_state
 
 
 def run_train(tmp_path, params, *extra):
@@ -60,7 +61,7 @@ def test_ema_exports_and_validates_the_average_and_leaves_training_as_it_was(
     assert kept[0.0].ema is None and kept[0.9].ema is not None
     trained, plain = kept[0.9].model, kept[0.0].model
     assert all(torch.equal(trained[k], plain[k]) for k in plain)  # the average does not touch training
-    average = kept[0.9].result()
+    average = kept[0.9].scored()
     assert all(torch.equal(weights[0.9][k], average[k]) for k in average)  # the model is the average ...
     assert not torch.equal(weights[0.9]["classifier.4.weight"], trained["classifier.4.weight"])  # ... not the last
     assert all(torch.equal(weights[0.0][k], plain[k]) for k in plain)
@@ -213,12 +214,12 @@ def test_channels_last_trains_the_same_model_up_to_rounding(tmp_path, tiny_raw, 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_puts_the_convolutions_in_nhwc_and_off_leaves_them_nchw(tiny_raw, write_params, channels_last):
+    from pipeline.accelerator import make_accelerator
     from pipeline.params import load_params
-    from pipeline.runtime import make_accelerator
     from pipeline.train import build
 
     params = load_params(write_params({"train": {"channels_last": channels_last}}))
-    model = build(make_accelerator(), params, tiny_raw).model
+    model = build(make_accelerator(), params, tiny_raw).learner.model
     convs = [p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1]  # with one channel, both layouts agree
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)
 
@@ -356,7 +357,7 @@ def test_a_model_that_does_not_fit_on_disk_is_exported_by_the_rerun_without_trai
 def test_a_second_trainer_on_the_same_checkpoint_folder_is_refused(tmp_path, tiny_raw, write_params, monkeypatch):
     monkeypatch.chdir(tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.guard import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline.runs import "
          "hold_checkpoint_dir\nwith hold_checkpoint_dir(Path(sys.argv[1])):\n print('held', flush=True); "
          "time.sleep(60)", str(tmp_path / "checkpoints")],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
@@ -416,12 +417,11 @@ def test_compiled_training_writes_a_plain_artifact_close_to_eager(tmp_path, tiny
 
 def test_optimizer_impl_picks_the_adamw_kernels():
     from pipeline.model import ModelConfig, build_model
-    from pipeline.params import TrainParams
-    from pipeline.trainer import make_optimizer
+    from pipeline.recipe.optim import make_optimizer
 
     model = build_model(ModelConfig())
     kernels = {
-        impl: {k: make_optimizer(model, TrainParams(optimizer_impl=impl)).defaults[k] for k in ("foreach", "fused")}
+        impl: {k: make_optimizer(model, replace(default_params().train, optimizer_impl=impl)).defaults[k] for k in ("foreach", "fused")}
         for impl in ("auto", "for_loop", "foreach", "fused")
     }
     assert kernels["auto"] == {"foreach": None, "fused": None}  # torch decides per device

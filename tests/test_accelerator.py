@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
+from pipeline.accelerator import cpu_threads_for, make_accelerator
 from pipeline.errors import PipelineError
-from pipeline.runtime import cpu_threads_for, make_accelerator
 from tests.conftest import REPO
 
 
@@ -73,7 +73,8 @@ def test_a_world_size_with_a_master_address_but_no_launcher_is_refused_not_left_
 def test_the_thread_count_comes_from_the_environment_unless_given(monkeypatch):
     import argparse
 
-    from pipeline.runtime import CPU_THREADS_VAR, add_common_args
+    from pipeline.accelerator import CPU_THREADS_VAR
+    from pipeline.args import add_common_args
 
     def parsed(*argv: str) -> int:
         p = argparse.ArgumentParser()
@@ -99,7 +100,7 @@ def test_a_run_under_a_dvc_queue_counts_the_workers_of_its_own_queue(tmp_path):
     # three stand-in workers, as `dvc queue start -j 2` runs them (dvc exp queue-worker <node>), and one of
     # another repo's queue; the run is a child of the first
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
-    count = "from pipeline.runtime import queue_runs; print(queue_runs())"
+    count = "from pipeline.accelerator import queue_runs; print(queue_runs())"
     run_under = [
         sys.executable,
         "-c",

@@ -1,8 +1,7 @@
-"""Accelerate adapters shared by train and evaluate: process setup and distributed inference."""
+"""Processes and devices: the Accelerator, CPU threads per process, a restarted group, the DVC queue's runs."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from datetime import timedelta
@@ -12,51 +11,15 @@ import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.batches import to_input
-from pipeline.dataset import Split
 from pipeline.errors import PipelineError
-from pipeline.metrics import Predictions
-from pipeline.params import TestTimeAugmentation
+from pipeline.guard import LAUNCHER_VARS
 from pipeline.watchdog import stall_timeout
 
 # threads per process on CPU for runs DVC starts (a stage's command line cannot take them); unset, a run takes
 # its share of the host's cores: split across its processes and, under `dvc queue start -j N`, the N workers
 CPU_THREADS_VAR = "PIPELINE_CPU_THREADS"
 QUEUE_WORKER = ["exp", "queue-worker"]  # how DVC runs each of a queue's workers: dvc exp queue-worker <node>
-# set by a launcher that starts the processes of a group: torchrun's elastic agent (also under accelerate
-# launch), SLURM's srun, Open MPI's and MPICH's mpirun
-LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-
-
-def add_path_args(p: argparse.ArgumentParser, paths: dict[str, tuple[str, str]]) -> None:
-    """One ``--flag PATH`` argument per entry of ``paths`` (flag -> (default, what it holds))."""
-    for flag, (default, what) in paths.items():
-        p.add_argument(flag, default=default, help=f"{what} (default: %(default)s)")
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """The arguments every stage that runs a model shares: params file, data folder, CPU threads."""
-    add_path_args(
-        p, {"--params": ("params.yaml", "params file"), "--data": ("data/raw", "folder with the four IDX files")}
-    )
-    p.add_argument(
-        "--cpu-threads",
-        type=_thread_count,
-        default=env_count(CPU_THREADS_VAR, 0),
-        help=f"threads per process when running on CPU; 0 = the host's cores split across its processes and, "
-        f"under `dvc queue start -j N`, the N runs side by side (default: ${CPU_THREADS_VAR}, else 0). "
-        "Results on CPU are bitwise reproducible for a fixed thread count.",
-    )
-
-
-def _thread_count(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is no count") from None
 
 
 def env_count(name: str, default: int, env: Mapping[str, str] | None = None) -> int:
@@ -151,65 +114,3 @@ def join_restarted_group(env: Mapping[str, str], timeout: timedelta) -> None:
         world_size=world,
         timeout=timeout,
     )
-
-
-def say(accelerator: Accelerator, message: str) -> None:
-    """Print on the global main process only (``accelerator.print`` prints once per machine)."""
-    if accelerator.is_main_process:
-        print(message, flush=True)
-
-
-def summary_table(rows: list[tuple[str, str]]) -> str:
-    """Two aligned columns under a title, for the end of a stage."""
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(["summary"] + [f"  {k.ljust(width)}  {v}" for k, v in rows])
-
-
-def eval_loader(split: Split, batch_size: int) -> DataLoader:
-    """A loader over ``split`` (with sample indices) in its stored order; prepare it so each process gets a shard."""
-    dataset = TensorDataset(torch.arange(len(split)), split.images, split.labels)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
-def logits_of(model: nn.Module, inputs: torch.Tensor, tta: TestTimeAugmentation = "none") -> torch.Tensor:
-    """``model``'s float32 logits for ``inputs`` (N, C, H, W) under test-time augmentation ``tta``.
-
-    ``flip`` averages them with the mirror image's; ``flip_shift`` (as airbench does) averages that half and half
-    with the mean of the same for the image moved 1 px up-left and 1 px down-right (zero fill, as in training).
-    """
-    if tta == "none":
-        return model(inputs).float()
-    logits = (model(inputs).float() + model(inputs.flip(-1)).float()) / 2
-    if tta == "flip_shift":
-        moved = [logits_of(model, shifted(inputs, d), "flip") for d in (-1, 1)]
-        logits = (logits + (moved[0] + moved[1]) / 2) / 2
-    return logits
-
-
-def shifted(inputs: torch.Tensor, d: int) -> torch.Tensor:
-    """``inputs`` (N, C, H, W) moved by ``d`` pixels down and right (negative: up and left), filled with zeros."""
-    padded = torch.nn.functional.pad(inputs, (abs(d),) * 4)
-    h, w = inputs.shape[-2:]
-    top = abs(d) - d
-    return padded[..., top : top + h, top : top + w]
-
-
-@torch.no_grad()
-def predict(
-    accelerator: Accelerator, model: nn.Module, loader: DataLoader, tta: TestTimeAugmentation = "none"
-) -> Predictions:
-    """Predictions for every sample exactly once, whatever the number of processes.
-
-    ``loader`` must be prepared; ``gather_for_metrics`` drops the duplicates that pad
-    the last batch across processes.
-    """
-    model.eval()
-    parts: list[tuple[torch.Tensor, ...]] = []
-    for i, images, y in loader:
-        logits = logits_of(model, to_input(images), tta)
-        loss = nn.functional.cross_entropy(logits, y, reduction="none")
-        confidence, p = logits.softmax(dim=1).max(dim=1)
-        parts.append(tuple(t.cpu() for t in accelerator.gather_for_metrics((i, p, y, loss, confidence))))
-    index, preds, labels, losses, confidence = (torch.cat(column) for column in zip(*parts, strict=True))
-    order = index.argsort()
-    return Predictions(preds[order], labels[order], losses[order], confidence[order])
