@@ -4,6 +4,4 @@ import sys
 
 from pipeline.errors import quiet_interrupt_while_starting
 
-__version__ = "0.1.0"
-
 quiet_interrupt_while_starting(sys.argv)  # a stage's module imports torch before its main can catch Ctrl-C

@@ -31,7 +31,7 @@ CLASSES = (
     "Ankle boot",
 )
 
-# name -> (sha256 of the decompressed file, size in bytes); shared/FACTS.md
+# name -> (sha256 of the decompressed file, size in bytes): the published files, which every source must match
 FILES = {
     "train-images-idx3-ubyte": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47_040_016),
     "train-labels-idx1-ubyte": ("bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60_008),

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from pipeline.errors import Stopped, launcher_stderr, outlive_launcher
+from pipeline.errors import DVC_STAGE_VAR, Stopped, launcher_stderr, outlive_launcher
 
 # set by a launcher in the processes it starts: torchrun's elastic agent (also under accelerate launch's
 # multi-process launcher), accelerate's one-process launcher, SLURM's srun, Open MPI's and MPICH's mpirun
@@ -55,12 +55,12 @@ def starters(env: Mapping[str, str] | None = None) -> list[psutil.Process]:
     """
     env = os.environ if env is None else env
     me = psutil.Process()
-    if env.get("DVC_STAGE"):
+    if env.get(DVC_STAGE_VAR):
         chain = []
         for parent in me.parents():
             chain.append(parent)
             try:
-                if "DVC_STAGE" not in parent.environ():
+                if DVC_STAGE_VAR not in parent.environ():
                     break
             except psutil.Error:
                 break

@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from safetensors import SafetensorError
@@ -21,7 +22,7 @@ from torch import nn
 from pipeline.dataset import CLASSES
 from pipeline.errors import ModelArtifactError, ParamsError, path_problem
 from pipeline.files import atomic_path
-from pipeline.params import ModelName, knob, typed
+from pipeline.params import Bounds, ModelName, typed
 
 ARTIFACT_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -33,13 +34,13 @@ class ModelConfig:
     """Everything needed to rebuild a model; saved beside its weights."""
 
     name: str = "tutorial_cnn"
-    in_channels: int = knob(1, ge=1, le=16, says="1 to 16")
-    image_size: int = knob(28, ge=8, le=256, says="8 to 256 pixels")
-    num_classes: int = knob(len(CLASSES), ge=2, le=1000, says="2 to 1000")
+    in_channels: Annotated[int, Bounds(ge=1, le=16, says="1 to 16")] = 1
+    image_size: Annotated[int, Bounds(ge=8, le=256, says="8 to 256 pixels")] = 28
+    num_classes: Annotated[int, Bounds(ge=2, le=1000, says="2 to 1000")] = len(CLASSES)
     # Fashion-MNIST training-set pixel statistics, for inputs scaled to [0, 1]; bounded so that the standardised
     # input (x - mean) / std stays within +-1000, finite in any precision the models run in
-    mean: float = knob(0.2860, ge=0, le=1, says="0 to 1 (inputs are scaled to [0, 1])")
-    std: float = knob(0.3530, ge=1e-3, le=1, says="0.001 to 1")
+    mean: Annotated[float, Bounds(ge=0, le=1, says="0 to 1 (inputs are scaled to [0, 1])")] = 0.2860
+    std: Annotated[float, Bounds(ge=1e-3, le=1, says="0.001 to 1")] = 0.3530
 
 
 class ImageClassifier(nn.Module):

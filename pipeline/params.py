@@ -16,16 +16,18 @@ import os
 import re
 import shlex
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 
 from pipeline.errors import DVC_STAGE_VAR, ParamsError
 from pipeline.files import write_text
 
-ModelName = Literal["tutorial_cnn", "bn_cnn", "resnet9"]  # the models pipeline/model.py builds (its MODELS registry)
+# the models pipeline/model.py builds: its MODELS registry, which checks that the two agree (written out here, so that
+# the stages that build no model do not depend on the models' code)
+ModelName = Literal["tutorial_cnn", "bn_cnn", "resnet9"]
 Precision = Literal["fp32", "bf16", "fp16"]
 TestTimeAugmentation = Literal["none", "flip", "flip_shift"]
 MIXED_PRECISIONS: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # -> Accelerate's name
@@ -34,10 +36,6 @@ SEED_MAX = 2**32 - 1  # numpy's seeds, which Accelerate's set_seed also sets, ar
 SEED_RANGE = f"0 to {SEED_MAX}"
 T = TypeVar("T")
 TRAIN_SECTIONS = ("data", "model", "train")  # the sections the train stage reads (its params in dvc.yaml)
-DEFAULT_SOURCES = (
-    "/usr/share/datasets/fashion-mnist",
-    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-)
 
 
 @dataclass(frozen=True)
@@ -67,70 +65,83 @@ class Bounds:
         return f"{op} {limit:g}"
 
 
-def knob(default: Any, *, shapes_training: bool = True, **bounds: Any) -> Any:
-    """A params field: its default, its bounds (``ge``/``gt``/``le``/``lt``, ``says``), and whether it shapes
-    the trained weights. A knob that changes only speed or disk use (``shapes_training=False``) is left out of
-    the run key (pipeline/provenance.py), so changing it does not discard resume state."""
-    return field(default=default, metadata={"bounds": Bounds(**bounds), "shapes_training": shapes_training})
+# in a field's Annotated[...]: a knob that changes only speed or disk use, left out of the run key
+# (pipeline/provenance.py), so that changing it does not discard resume state
+SPEED_ONLY = "speed or disk use only"
+
+
+def extras(cls: type, name: str) -> tuple[Any, ...]:
+    """The ``Annotated`` extras of field ``name`` of ``cls``: its :class:`Bounds`, :data:`SPEED_ONLY`."""
+    return getattr(typing.get_type_hints(cls, include_extras=True)[name], "__metadata__", ())
 
 
 @dataclass(frozen=True)
 class DataParams:
-    subset: int = knob(0, ge=0, says="0 (all) or a positive count")  # 0 = all; N = first N of each split
-    val_size: int = knob(6000, ge=1)  # samples carved from the training set for validation
-    split_seed: int = knob(0, ge=0, le=SEED_MAX, says=SEED_RANGE)  # seeds which training samples go to validation
+    subset: Annotated[int, Bounds(ge=0, says="0 (all) or a positive count")]  # 0 = all; N = first N of each split
+    val_size: Annotated[int, Bounds(ge=1)]  # samples carved from the training set for validation
+    split_seed: Annotated[
+        int, Bounds(ge=0, le=SEED_MAX, says=SEED_RANGE)
+    ]  # seeds which training samples go to validation
 
 
 @dataclass(frozen=True)
 class DownloadParams:
-    sources: tuple[str, ...] = DEFAULT_SOURCES  # tried in order, per file
-    timeout: float = knob(30.0, gt=0, says="> 0 seconds")  # seconds without network progress before a source fails
+    sources: tuple[str, ...]  # tried in order, per file
+    timeout: Annotated[
+        float, Bounds(gt=0, says="> 0 seconds")
+    ]  # seconds without network progress before a source fails
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: ModelName = "tutorial_cnn"
+    name: ModelName
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = knob(10, ge=1)
-    batch_size: int = knob(128, ge=1)  # global batch, split evenly across processes
-    grad_accum: int = knob(1, ge=1)  # micro-batches per process and step: the same global batch in 1/N the memory
-    lr: float = knob(2e-3, gt=0)  # peak learning rate
-    weight_decay: float = knob(0.0, ge=0)  # decoupled (AdamW) weight decay
-    schedule: Literal["onecycle", "constant"] = "onecycle"
-    hflip: bool = True  # random horizontal flip of training images
-    translate: int = knob(0, ge=0, le=8, says="0 (off) to 8 pixels")  # random shift by up to N pixels in x and y
-    cutout: int = knob(0, ge=0, le=28, says="0 (off) to 28 pixels")  # zero a random N x N square of each image
-    label_smoothing: float = knob(0.0, ge=0, lt=1, says="in [0, 1)")  # cross-entropy label smoothing
-    ema: float = knob(0.0, ge=0, lt=1, says="0 (off) or a decay in (0, 1)")  # moving average of the weights, per step
-    mixed_precision: Precision = "fp32"  # the launcher may not contradict it
-    compile: bool = False  # torch.compile the model (inductor)
-    optimizer_impl: Literal["auto", "for_loop", "foreach", "fused"] = "auto"  # AdamW kernels; auto: torch's pick
-    cudnn_benchmark: bool = False  # let cuDNN time and pick conv algorithms (GPU only; not bitwise reproducible)
-    channels_last: bool = True  # NHWC memory layout for the convolutions (speed only; rounding differs)
-    seed: int = knob(42, ge=0, le=SEED_MAX, says=SEED_RANGE)  # weights init, data order and augmentation
-    eval_batch_size: int = knob(1000, ge=1, shapes_training=False)  # validation batch per process
-    checkpoint_every_steps: int = knob(0, ge=0, says=">= 0 (0 = epoch ends only)", shapes_training=False)
-    keep_checkpoints: int = knob(2, ge=1, shapes_training=False)  # newest checkpoints kept per run
-    keep_runs: int = knob(3, ge=1, shapes_training=False)  # interrupted runs whose resume state is kept
-    final_model: Literal["last", "best"] = "last"  # which weights become models/ (best: by validation accuracy)
+    epochs: Annotated[int, Bounds(ge=1)]
+    batch_size: Annotated[int, Bounds(ge=1)]  # global batch, split evenly across processes
+    grad_accum: Annotated[
+        int, Bounds(ge=1)
+    ]  # micro-batches per process and step: the same global batch in 1/N the memory
+    lr: Annotated[float, Bounds(gt=0)]  # peak learning rate
+    weight_decay: Annotated[float, Bounds(ge=0)]  # decoupled (AdamW) weight decay
+    schedule: Literal["onecycle", "constant"]
+    hflip: bool  # random horizontal flip of training images
+    translate: Annotated[
+        int, Bounds(ge=0, le=8, says="0 (off) to 8 pixels")
+    ]  # random shift by up to N pixels in x and y
+    cutout: Annotated[int, Bounds(ge=0, le=28, says="0 (off) to 28 pixels")]  # zero a random N x N square of each image
+    label_smoothing: Annotated[float, Bounds(ge=0, lt=1, says="in [0, 1)")]  # cross-entropy label smoothing
+    ema: Annotated[
+        float, Bounds(ge=0, lt=1, says="0 (off) or a decay in (0, 1)")
+    ]  # moving average of the weights, per step
+    mixed_precision: Precision  # the launcher may not contradict it
+    compile: bool  # torch.compile the model (inductor)
+    optimizer_impl: Literal["auto", "for_loop", "foreach", "fused"]  # AdamW kernels; auto: torch's pick
+    cudnn_benchmark: bool  # let cuDNN time and pick conv algorithms (GPU only; not bitwise reproducible)
+    channels_last: bool  # NHWC memory layout for the convolutions (speed only; rounding differs)
+    seed: Annotated[int, Bounds(ge=0, le=SEED_MAX, says=SEED_RANGE)]  # weights init, data order and augmentation
+    eval_batch_size: Annotated[int, Bounds(ge=1), SPEED_ONLY]  # validation batch per process
+    checkpoint_every_steps: Annotated[int, Bounds(ge=0, says=">= 0 (0 = epoch ends only)"), SPEED_ONLY]
+    keep_checkpoints: Annotated[int, Bounds(ge=1), SPEED_ONLY]  # newest checkpoints kept per run
+    keep_runs: Annotated[int, Bounds(ge=1), SPEED_ONLY]  # interrupted runs whose resume state is kept
+    final_model: Literal["last", "best"]  # which weights become models/ (best: by validation accuracy)
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = knob(1000, ge=1)  # per process; no effect on results
-    tta: TestTimeAugmentation = "none"  # flip: average with the mirror image's logits; flip_shift: also 1 px shifts
+    batch_size: Annotated[int, Bounds(ge=1)]  # per process; no effect on results
+    tta: TestTimeAugmentation  # flip: average with the mirror image's logits; flip_shift: also 1 px shifts
 
 
 @dataclass(frozen=True)
 class Params:
-    data: DataParams = field(default_factory=DataParams)
-    download: DownloadParams = field(default_factory=DownloadParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    data: DataParams
+    download: DownloadParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -211,10 +222,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             + ", ".join(sorted(fields))
         )
     values = {}
-    for name in fields:
+    for f in dataclasses.fields(cls):
+        name, key = f.name, f"{prefix}.{f.name}" if prefix else f.name
         if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"{key} is missing; params.yaml must set every key (see the project's params.yaml)")
             continue
-        key = f"{prefix}.{name}" if prefix else name
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             values[name] = _build(typing.cast(type, hint), raw[name], key)
@@ -229,8 +242,10 @@ def _check_ranges(values: Any, prefix: str) -> None:
         value, key = getattr(values, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             _check_ranges(value, key + ".")
-        elif "bounds" in f.metadata and not f.metadata["bounds"].hold(value):
-            raise ParamsError(f"{key} must be {f.metadata['bounds'].words()}, got {value}")
+            continue
+        for extra in extras(type(values), f.name):
+            if isinstance(extra, Bounds) and not extra.hold(value):
+                raise ParamsError(f"{key} must be {extra.words()}, got {value}")
 
 
 def typed(cls: type[T], raw: Any, prefix: str) -> T:
@@ -329,8 +344,7 @@ def load_params(path: str | Path = "params.yaml", *layers: dict[str, Any]) -> Pa
 
 
 def _complete(raw: Any, path: Path) -> Params:
-    params = parse_params(raw)
-    missing = missing_keys(raw)
+    missing = missing_keys(raw) if isinstance(raw, dict) else []
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         hint = (
@@ -341,7 +355,7 @@ def _complete(raw: Any, path: Path) -> Params:
         raise ParamsError(
             f"{path} lacks {shown}: a params file must set every key, so that it alone records the run{hint}"
         )
-    return params
+    return parse_params(raw)
 
 
 def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -402,13 +416,13 @@ def save_params(params: Params, path: str | Path) -> None:
 def training_params(params: Params) -> dict[str, Any]:
     """The params that shape the trained weights, flat (``"train.lr": 0.002``).
 
-    The data, model and train sections, less the knobs declared with ``shapes_training=False``.
+    The data, model and train sections, less the knobs marked :data:`SPEED_ONLY`.
     """
     out: dict[str, Any] = {}
     for section in TRAIN_SECTIONS:
         values = getattr(params, section)
         for f in dataclasses.fields(values):
-            if f.metadata.get("shapes_training", True):
+            if SPEED_ONLY not in extras(type(values), f.name):
                 out[f"{section}.{f.name}"] = getattr(values, f.name)
     return out
 

@@ -421,7 +421,10 @@ def test_optimizer_impl_picks_the_adamw_kernels():
 
     model = build_model(ModelConfig())
     kernels = {
-        impl: {k: make_optimizer(model, replace(default_params().train, optimizer_impl=impl)).defaults[k] for k in ("foreach", "fused")}
+        impl: {
+            k: make_optimizer(model, replace(default_params().train, optimizer_impl=impl)).defaults[k]
+            for k in ("foreach", "fused")
+        }
         for impl in ("auto", "for_loop", "foreach", "fused")
     }
     assert kernels["auto"] == {"foreach": None, "fused": None}  # torch decides per device
