@@ -1,16 +1,19 @@
-"""Run folders: each run's checkpoints in a folder of its own, kept for its resume, and the lock on them all.
+"""Run folders: each run's checkpoints in a folder of its own, kept for its resume, each under its own lock.
 
 Each run (a :class:`~pipeline.provenance.RunKey`: code, data, training params, process count) has its
-own folder under the checkpoint folder, named by the key's fingerprint::
+own folder in the checkpoint store, named by the key's fingerprint::
 
-    checkpoints/.lock                              held by the one trainer using the folder
     checkpoints/<fingerprint>/run.json             the key, to say later what differs
+    checkpoints/<fingerprint>/.lock                held by the one trainer of this run
     checkpoints/<fingerprint>/step-00000421/       one checkpoint (pipeline/checkpoint.py)
 
-so an interrupted experiment keeps its state while others run, up to ``train.keep_runs`` runs.
-:func:`hold_checkpoint_dir` takes an OS file lock on the folder for the run's life: a second trainer on the
-same folder is refused in one line, and the OS drops the lock when its holder dies, however it dies, so a
-stale lock never blocks anyone.
+so an interrupted experiment keeps its state while others run, up to ``train.keep_runs`` runs. The store is
+shared by every workspace of the repository (:func:`checkpoint_store`): a queued run (``dvc queue start``) or a
+``dvc exp run --temp`` trains in a temporary copy of the repository, and its state is kept in the main
+workspace's store, so the same experiment run again resumes it. :func:`hold_run` takes an OS file lock on a
+run's folder for the run's life: a second trainer of the same run is refused in one line, runs of other keys
+train side by side, and the OS drops the lock when its holder dies, however it dies, so a stale lock never
+blocks anyone. A run in use is never pruned.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +37,24 @@ from pipeline.provenance import RunKey, first_difference
 LOCK_FILE = ".lock"
 OWNER_FILE = ".owner.json"
 RUN_FILE = "run.json"
+STORE_VAR = "PIPELINE_CHECKPOINT_STORE"  # a checkpoint store to use instead of --checkpoint-dir (a shared disk)
+DVC_ROOT_VAR = "DVC_ROOT"  # set by DVC in a stage's environment: the main workspace, also for queued and temp runs
+
+
+def checkpoint_store(given: Path, cwd: Path, env: Mapping[str, str]) -> tuple[Path, str]:
+    """Where the runs' folders live, and a line saying why when it is not ``given`` (``--checkpoint-dir``).
+
+    ``$PIPELINE_CHECKPOINT_STORE`` when set; else, in a DVC temporary workspace (a queued experiment, ``dvc exp
+    run --temp``), the main workspace's folder of ``given``'s relative name, so that the state outlives the
+    temporary copy; else ``given``.
+    """
+    if env.get(STORE_VAR):
+        return Path(env[STORE_VAR]), f"checkpoints in {env[STORE_VAR]} (${STORE_VAR})"
+    main = env.get(DVC_ROOT_VAR)
+    if main and not given.is_absolute() and Path(main).resolve() != cwd.resolve():
+        store = Path(main) / given
+        return store, f"checkpoints in the main workspace's {store} (this is a DVC temporary workspace)"
+    return given, ""
 
 
 def start_run(root: Path, key: RunKey) -> Path:
@@ -83,7 +104,7 @@ def _why_not_others(root: Path, run: Path, key: RunKey) -> list[str]:
 
 
 def _prune(root: Path, run: Path, keep_runs: int) -> list[str]:
-    others = [p for p in list_runs(root) if p != run]
+    others = [p for p in list_runs(root) if p != run and not in_use(p)]
     notes = []
     for old in others[: max(0, len(others) - (keep_runs - 1))]:
         notes.append(f"removed the resume state of an older run {old} ({progress(old)}; train.keep_runs: {keep_runs})")
@@ -106,7 +127,8 @@ def open_run(
     if fresh:
         if list_checkpoints(run):
             notes.append(f"--fresh: removing this run's checkpoints in {run}")
-        remove_run(run)
+        for path in list_checkpoints(run):  # not the folder: its lock is held
+            shutil.rmtree(path, ignore_errors=True)
     else:
         ckpt, passed_over = resumable(run, expected)
         notes += passed_over
@@ -116,10 +138,24 @@ def open_run(
     return run, ckpt, notes + _prune(root, run, keep_runs)
 
 
+def in_use(run: Path) -> bool:
+    """Whether a live trainer holds the run folder ``run``."""
+    lock = FileLock(str(run / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    lock.release()
+    return False
+
+
 @contextmanager
-def hold_checkpoint_dir(root: Path) -> Iterator[None]:
-    """Hold ``root``'s lock while the block runs; refuse in one line when another trainer holds it, or when
-    ``root`` cannot be a folder this user writes (a file or a dangling symlink in the way, no permission)."""
+def hold_run(root: Path) -> Iterator[None]:
+    """Hold the run folder ``root``'s lock while the block runs; refuse in one line when another trainer holds
+    it, or when ``root`` cannot be a folder this user writes (a file or a dangling symlink in the way, no
+    permission)."""
     lock = FileLock(str(root / LOCK_FILE))
     _take(root, lock)
     try:
@@ -136,8 +172,8 @@ def _take(root: Path, lock: FileLock) -> None:
         lock.acquire(timeout=0)
     except Timeout:
         raise PipelineError(
-            f"{root} is in use by another trainer ({_owner(root)}); wait for it to end or stop it, "
-            "or give this run another --checkpoint-dir"
+            f"this run ({root}) is being trained by another trainer ({_owner(root)}); wait for it to end or stop "
+            "it (it keeps its checkpoints: a run of the same experiment resumes them)"
         ) from None
     except OSError as e:
         raise PipelineError(f"checkpoint folder: {path_problem(e, 'pass another --checkpoint-dir')}") from None

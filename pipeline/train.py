@@ -42,7 +42,7 @@ from pipeline.provenance import RunKey, environment, run_key
 from pipeline.recipe.optim import Learner, make_learner
 from pipeline.recipe.sampling import local_batch, steps_per_epoch
 from pipeline.report import print_once, summary_table
-from pipeline.runs import hold_checkpoint_dir, open_run, remove_run
+from pipeline.runs import checkpoint_store, hold_run, open_run, remove_run
 from pipeline.tracking import Tracker, log_with
 from pipeline.trainer import Standing, TrainData, Trainer
 from pipeline.watchdog import Heartbeat, stall_timeout
@@ -168,12 +168,14 @@ def run(params: Params, paths: Paths, cpu_threads: int, fresh: bool, keep_state:
     check_compiler(cfg)
     check_launcher_precision(cfg)
     accelerator = make_accelerator(cpu_threads, log_with=log_with(), **accelerator_options(cfg))
+    store, why = checkpoint_store(paths.checkpoint_dir, Path.cwd(), os.environ)
+    if why:
+        print_once(accelerator, why)
+    paths = replace(paths, checkpoint_dir=store)
     with ExitStack() as stack:
-        if accelerator.is_main_process:  # only the main process writes checkpoints; it holds the folder
-            stack.enter_context(hold_checkpoint_dir(paths.checkpoint_dir))
         heartbeat = stack.enter_context(Heartbeat.of_group(accelerator.process_index, accelerator.num_processes))
         try:
-            train_and_export(accelerator, params, paths, fresh, keep_state, heartbeat)
+            train_and_export(accelerator, params, paths, fresh, keep_state, stack, heartbeat)
         except (RuntimeError, MemoryError) as e:
             reason = heartbeat.stalled(e, stall_timeout()) or out_of_memory(
                 e, ("train.batch_size", cfg.batch_size), ("train.eval_batch_size", cfg.eval_batch_size)
@@ -219,11 +221,19 @@ def build(accelerator: Accelerator, params: Params, data: Path) -> Built:
 
 
 def resume_or_start(
-    accelerator: Accelerator, root: Path, key: RunKey, expected: Expected, fresh: bool, keep_runs: int
+    accelerator: Accelerator,
+    root: Path,
+    key: RunKey,
+    expected: Expected,
+    fresh: bool,
+    keep_runs: int,
+    stack: ExitStack,
 ) -> tuple[Path, Checkpoint | None, list[str]]:
-    """Pick the checkpoint to resume on the main process and send it to all (no shared disk needed)."""
+    """Pick the checkpoint to resume on the main process, holding the run's folder for the ``stack``'s life, and
+    send it to all (no shared disk needed)."""
     found: list[object] = [root / key.fingerprint(), None, []]
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # only the main process writes checkpoints; it holds the run's folder
+        stack.enter_context(hold_run(root / key.fingerprint()))
         found = list(open_run(root, key, expected, fresh, keep_runs))
     if accelerator.num_processes > 1:
         broadcast_object_list(found, from_process=0)
@@ -231,12 +241,20 @@ def resume_or_start(
 
 
 def start_trainer(
-    accelerator: Accelerator, built: Built, params: Params, paths: Paths, fresh: bool, heartbeat: Heartbeat | None
+    accelerator: Accelerator,
+    built: Built,
+    params: Params,
+    paths: Paths,
+    fresh: bool,
+    stack: ExitStack,
+    heartbeat: Heartbeat | None,
 ) -> Trainer:
     """Resume this run's newest fitting checkpoint, or start fresh; prepare; start tracking; return the trainer."""
     cfg, learner = params.train, built.learner
     expected = expected_of(learner, cfg.epochs, built.steps, built.key.fingerprint())
-    run_dir, ckpt, notes = resume_or_start(accelerator, paths.checkpoint_dir, built.key, expected, fresh, cfg.keep_runs)
+    run_dir, ckpt, notes = resume_or_start(
+        accelerator, paths.checkpoint_dir, built.key, expected, fresh, cfg.keep_runs, stack
+    )
     for note in notes:
         print_once(accelerator, note)
     standing = Standing(TrainState(fingerprint=built.key.fingerprint()))
@@ -310,12 +328,13 @@ def train_and_export(
     paths: Paths,
     fresh: bool,
     keep_state: bool,
+    stack: ExitStack,
     heartbeat: Heartbeat | None = None,
 ) -> None:
     """Build, restore (or start), fit, export; then the summary."""
     cfg = params.train
     built = build(accelerator, params, paths.data)
-    trainer = start_trainer(accelerator, built, params, paths, fresh, heartbeat)
+    trainer = start_trainer(accelerator, built, params, paths, fresh, stack, heartbeat)
     start = time.perf_counter()
     for epoch in range(trainer.state.epoch, cfg.epochs):
         trainer.run_epoch(epoch)

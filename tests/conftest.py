@@ -26,7 +26,11 @@ TIMING_KEYS = frozenset({"epoch_time_s", "samples_per_s", "peak_gpu_memory_mb"})
 
 # Test files whose tests share session fixtures (the reproduced repo and its experiments, half a minute each):
 # one pytest-xdist worker takes them together, so that each fixture is built once.
-SHARED_SESSION = {"tests/test_dvc_record.py": "dvc-repo", "tests/test_pipeline_e2e.py": "dvc-repo"}
+SHARED_SESSION = {
+    "tests/test_dvc_record.py": "dvc-repo",
+    "tests/test_pipeline_e2e.py": "dvc-repo",
+    "tests/test_runs.py": "dvc-repo",
+}
 
 
 # The longest scopes, by measured duration (pytest --durations): handed out first, so that no worker starts one

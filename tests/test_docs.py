@@ -178,8 +178,11 @@ FAULT_TESTS = {
     "one node of a Slurm launch fails": "test_slurm.py::test_a_failure_is_told_in_one_error_line_for_all_nodes",
     "Ctrl-C": "test_launch.py::test_ctrl_c_says_interrupted_once",
     "`dvc` or the launcher is killed": "test_guard.py::test_a_run_whose_launcher_dies_stops_instead_of_training_on",
-    "a second trainer on the same checkpoints": (
-        "test_train.py::test_a_second_trainer_on_the_same_checkpoint_folder_is_refused"
+    "a queued run (`dvc queue start`) is killed": (
+        "test_runs.py::test_a_queued_run_killed_mid_epoch_resumes_bitwise_when_queued_again"
+    ),
+    "a second trainer of the same run": (
+        "test_train.py::test_a_second_trainer_of_the_same_run_is_refused_and_other_runs_share_the_store"
     ),
     "a checkpoint that is damaged or does not fit": (
         "test_resume.py::test_a_checkpoint_that_does_not_fit_costs_one_line_and_the_previous_one_resumes"
