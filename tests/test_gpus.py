@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import gpus
 from pipeline.errors import PipelineError
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, child_env, free_port
 
 
 @pytest.mark.parametrize(
@@ -215,3 +215,41 @@ def test_without_waiting_a_run_that_finds_no_free_gpu_fails_in_one_line_naming_t
                                    f"{holder.pid}); run it once they end, or unset PIPELINE_GPU_WAIT (0 now) to have "
                                    "it wait\n")  # fmt: skip
     release(tmp_path, holder, "a")
+
+
+def launch(tmp_path: Path, plan: str, *flags: str) -> subprocess.Popen[str]:
+    """pipeline.launch of tests/launched.py on a machine with simulated GPUs 0 and 1, no accelerate config."""
+    (tmp_path / "ready").mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "pipeline.launch", *flags, "-m", "tests.launched", plan, str(tmp_path / "ready")]
+    env = simulated(tmp_path, "0,1", HF_HOME=str(tmp_path / "no-accelerate-config"))
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_launch_holds_a_free_gpu_while_its_process_runs_and_shows_it_only_that_one(tmp_path):
+    locks = tmp_path / "locks"
+    with take(locks, ["0"]):  # another run holds GPU 0
+        proc = launch(tmp_path, "wait:none")
+        ready = tmp_path / "ready" / "0"
+        wait_until(lambda: ready.exists() and ready.read_text() != "", "the launched process to start")
+        assert ready.read_text() == "1"  # its CUDA_VISIBLE_DEVICES
+        with pytest.raises(PipelineError, match=rf"1 is held by another run \(pid {proc.pid}\)"):
+            with take(locks, ["1"]):
+                pass
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130 and out.splitlines()[0] == "GPU 1 (of 0,1) for this run", (out, err)
+    with take(locks, ["1"]) as taken:  # given back when the launch ended
+        assert taken == ["1"]
+
+
+@pytest.mark.slow
+def test_a_launch_of_more_processes_than_gpus_is_one_line_naming_both_numbers(tmp_path):
+    flags = ("--multi_gpu", "--num_processes", "3", "--main_process_port", str(free_port()))
+    out, err = launch(tmp_path, "ok:all", *flags).communicate(timeout=90)
+    assert err.splitlines() == [
+        "error: this launch needs 3 GPUs (one per process on this machine) but only 2 may be taken (0,1); launch 2 "
+        "or fewer processes (--num_processes, or num_processes in the accelerate config)"
+    ]
+    assert not list((tmp_path / "ready").iterdir())  # no process started
