@@ -12,9 +12,11 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import gpus
 from pipeline.errors import PipelineError
+from pipeline.provenance import environment
 from tests.conftest import REPO, child_env, free_port
 
 
@@ -111,6 +113,19 @@ def test_a_lock_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path):
                        r"PIPELINE_GPU_LOCK_DIR to another folder$"):  # fmt: skip
         with gpus.held(["0"], 1, tmp_path / "locks" / "gpus", wait=True, say=print):
             pass
+
+
+def test_the_provenance_records_the_gpus_the_run_was_given(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    env = environment(torch.device("cuda", 0), "no")
+    assert (env["gpu"], env["gpus"]) == ("NVIDIA H200", ["1"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1,0,2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine: the first two GPUs they see
+    assert environment(torch.device("cuda", 0), "no")["gpus"] == ["3", "1"]
 
 
 # Real processes: each a stand-in run (tests/gpu_holder.py) that takes GPUs as pipeline.launch does.
