@@ -110,7 +110,7 @@ def busy(need: int, held: Mapping[str, int | None]) -> str:
     """What a run that needs ``need`` GPUs waits for, and who holds the others (``held``: GPU -> holder's pid)."""
     what = "a free GPU" if need == 1 else f"{need} free GPUs"
     verb = "is held by another run" if len(held) == 1 else "are held by other runs"
-    pids = [str(pid) for pid in held.values() if pid is not None]
+    pids = list(dict.fromkeys(str(pid) for pid in held.values() if pid is not None))  # a group's holder once
     by = f" (pid{'s' if len(pids) > 1 else ''} {', '.join(pids)})" if pids else ""
     return f"{what}: {and_list(list(held))} {verb}{by}"
 

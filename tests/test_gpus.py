@@ -79,6 +79,7 @@ def test_the_lines_name_the_gpus_and_who_holds_them():
     assert gpus.busy(1, {"0": 123, "1": 456}) == "a free GPU: 0 and 1 are held by other runs (pids 123, 456)"
     assert gpus.busy(2, {"1": 7}) == "2 free GPUs: 1 is held by another run (pid 7)"
     assert gpus.busy(1, {"0": None}) == "a free GPU: 0 is held by another run"
+    assert gpus.busy(1, {"0": 5, "1": 5, "2": 6}) == "a free GPU: 0, 1 and 2 are held by other runs (pids 5, 6)"
 
 
 def test_a_run_that_needs_more_gpus_than_may_be_taken_is_one_line_naming_both_numbers(tmp_path):
