@@ -15,6 +15,9 @@ It takes ``accelerate launch``'s options and runs its launchers, and adds:
 - Ctrl-C: ``error: interrupted``, once, exit status 130;
 - no "values were not passed ... had defaults used instead" warning when there is no accelerate config;
 - torch's launcher log (closing signals, restarts) stays quiet unless ``LOGLEVEL`` is set;
+- on a machine with GPUs, one GPU per process, held while they run: the launch takes free ones (waiting for them
+  if other runs hold them all), shows its processes only those (``CUDA_VISIBLE_DEVICES``) and says which, so
+  that runs side by side (``dvc queue start -j N``) each get their own (:mod:`pipeline.gpus`);
 - ``PIPELINE_LAUNCH_VIA``, when set, is a command that runs this launch on every node instead (srun and
   ``scripts/slurm/node.sh``, which adds each node's rank and the main node's address): it gets this launch's
   arguments, and each distinct ``error:`` line its nodes print is shown once, at the end.
@@ -22,6 +25,9 @@ It takes ``accelerate launch``'s options and runs its launchers, and adds:
 
 from __future__ import annotations
 
+import argparse
+import copy
+import functools
 import json
 import logging
 import os
@@ -30,13 +36,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
 import psutil
 
+from pipeline import gpus
 from pipeline.errors import (
     ERROR_DIR_PREFIX,
     ERROR_DIR_VAR,
@@ -264,6 +272,36 @@ def check_config(config_file: str | None, env: Mapping[str, str]) -> None:
         raise PipelineError(f"{named} is not an accelerate config a launch can use: {why}; fix it, or {fix}") from None
 
 
+@contextmanager
+def gpus_taken(args: argparse.Namespace, env: MutableMapping[str, str]) -> Iterator[None]:
+    """While the block runs, hold the GPUs this launch's processes will use (:mod:`pipeline.gpus`) and show the
+    processes only those (``CUDA_VISIBLE_DEVICES``); nothing when it uses no GPU or ``PIPELINE_GPUS=shared``."""
+    import torch
+    from accelerate.commands.launch import _validate_launch_command
+
+    # accelerate's own reading of the flags and the config: how many processes it starts here, which GPUs they see
+    launched = _validate_launch_command(copy.deepcopy(args))[0]
+    cpu = launched.cpu or getattr(launched, "use_cpu", False)
+    need = 0 if cpu else launched.num_processes // max(1, launched.num_machines)
+    pool = gpus.pool(env, gpus.visible(env, torch.cuda.device_count(), launched.gpu_ids)) if need else []
+    if not pool:
+        yield
+        return
+    report = functools.partial(print, flush=True)
+    with gpus.held(pool, need, gpus.lock_folder(env), gpus.waits(env), report) as taken:
+        report(gpus.taken_line(taken, pool))
+        before = env.get(gpus.VISIBLE_VAR)
+        env[gpus.VISIBLE_VAR] = ",".join(taken)
+        args.gpu_ids = "all"  # else accelerate would show the processes the config's gpu_ids (the pool) instead
+        try:
+            yield
+        finally:
+            if before is None:
+                env.pop(gpus.VISIBLE_VAR, None)
+            else:
+                env[gpus.VISIBLE_VAR] = before
+
+
 @cli
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -275,6 +313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = launch_command_parser().parse_args(with_env_defaults(argv, os.environ))
     check_config(args.config_file, os.environ)
     quiet_launcher_logs(os.environ)
+    with gpus_taken(args, os.environ):
+        failures = launch_here(args)
+    ended_as = list(failures.values())
+    echo = os.environ.get(NODE_VAR) and all(f.consequence for f in causes(ended_as))  # another node's failure's
+    return say_errors(to_print(ended_as), exit_code(ended_as), "consequence" if echo else "error")
+
+
+def launch_here(args: argparse.Namespace) -> dict[int, Failure]:
+    """Run the launch on this machine; how its processes failed, each with its own line where it left one."""
     previous = signal.signal(signal.SIGINT, _forward_interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix=ERROR_DIR_PREFIX) as folder:
@@ -289,9 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, previous)
         for var in (ERROR_DIR_VAR, LAUNCHER_PID_VAR, TERMINAL_VAR):
             os.environ.pop(var, None)
-    ended_as = list(failures.values())
-    echo = os.environ.get(NODE_VAR) and all(f.consequence for f in causes(ended_as))  # another node's failure's
-    return say_errors(to_print(ended_as), exit_code(ended_as), "consequence" if echo else "error")
+    return failures
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import accelerate
 import torch
 
 from pipeline.dataset import SPLIT_FILES
+from pipeline.gpus import in_use
 from pipeline.params import Params, training_params
 
 PACKAGE = Path(__file__).resolve().parent  # pipeline/
@@ -138,7 +140,8 @@ def cpu_model() -> str:
 
 
 def environment(device: torch.device, mixed_precision: str) -> dict[str, Any]:
-    """Where a run trained: library versions, device (and its model), precision in force, CPU threads."""
+    """Where a run trained: library versions, device (the GPUs' model, and which of this machine's GPUs), precision
+    in force, CPU threads."""
     env: dict[str, Any] = {
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,
@@ -148,6 +151,7 @@ def environment(device: torch.device, mixed_precision: str) -> dict[str, Any]:
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["gpus"] = in_use(os.environ, torch.cuda.device_count())  # those pipeline.launch took, e.g. ["1"]
     else:
         env["cpu_threads"] = torch.get_num_threads()
     return env

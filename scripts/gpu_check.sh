@@ -5,8 +5,11 @@
 #      recipes over seeds 0 1 2 with their time to 90% / 91% / 93.5% / 94.5% test accuracy;
 #   2. the train stage under `accelerate launch` on 1 GPU with train.mixed_precision=bf16 (params decide the
 #      precision; a launcher flag that contradicts them is refused), then the evaluate stage: wall time and
-#      test accuracy.
-# Needs data/raw. Writes everything under $OUT; each part has its own time limit, together under ten minutes.
+#      test accuracy;
+#   3. one GPU per run: two 1-epoch runs of the train stage side by side, each launched as the stage launches it
+#      (python -m pipeline.launch, one process), as `dvc queue start -j 2` runs them: each says which GPU it took
+#      (on one GPU, the second waits for the first) and records it in its model.json.
+# Needs data/raw. Writes everything under $OUT; each part has its own time limit, together under twelve minutes.
 # Usage: OUT=/tmp/gpu bash scripts/gpu_check.sh
 # Dry run of the plumbing on any machine: BENCH_ARGS=--quick PARAMS=tiny.yaml OUT=/tmp/g bash scripts/gpu_check.sh
 set -uo pipefail
@@ -54,3 +57,48 @@ print(f"accelerate launch, 1 GPU, train.mixed_precision=bf16, default recipe: tr
       f"(launch included), test accuracy {test['test']['accuracy']:.4f}")
 PY
 tail -5 "$dir/train.log"
+
+# 3. one GPU per run: two runs side by side; their locks in $OUT, so that other runs on this machine do not count.
+# The time limit of each includes its wait for a GPU.
+dir="$OUT/gpu-per-run"
+runs=(a b)
+pids=()
+for run in "${runs[@]}"; do
+  mkdir -p "$dir/$run"
+  python -c 'import sys; from pipeline.params import load_params, save_params, with_changes
+p = load_params(sys.argv[1])
+save_params(with_changes(p, {"data": {"subset": p.data.subset or 10000}, "train": {"epochs": 1}}), sys.argv[2])' \
+    "${PARAMS:-params.yaml}" "$dir/$run/params.yaml"
+  read -ra run_cmd < <(python -c 'import shlex, sys; from pathlib import Path; from pipeline.train import Paths, command
+d, launch = Path(sys.argv[1]), "python -m pipeline.launch --num_processes 1 --num_machines 1 --dynamo_backend no"
+print(shlex.join(command(d / "params.yaml", Paths.under(d, Path("data/raw")), launch.split())))' "$dir/$run")
+  PIPELINE_GPU_LOCK_DIR="$dir/locks" timeout "${PER_RUN_LIMIT:-90}" "${run_cmd[@]}" > "$dir/$run/train.log" 2>&1 &
+  pids+=($!)
+done
+for i in 0 1; do
+  wait "${pids[$i]}"
+  echo "$?" > "$dir/${runs[$i]}/exit"
+done
+python - "$dir" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json, pathlib, re, sys
+d = pathlib.Path(sys.argv[1])
+took, pool, waited, failed = {}, [], [], []
+for run in "ab":
+    log, status = (d / run / "train.log").read_text(), (d / run / "exit").read_text().strip()
+    line = re.search(r"^GPUs? (\S+) \(of (\S+)\) for this run$", log, re.M)
+    waits = re.search(r"^waiting for .*$", log, re.M)
+    model = d / run / "models" / "model.json"
+    recorded = json.loads(model.read_text())["provenance"].get("gpus") if model.exists() else None
+    print(f"gpu per run: run {run} exit {status}: {line[0] if line else 'took no GPU'}"
+          f"{'; it waited first: ' + waits[0] if waits else ''}; its model.json records gpus {recorded}")
+    failed += [run] if status != "0" else []
+    waited += [run] if waits else []
+    if line:
+        took[run], pool = line[1], line[2].split(",")
+if failed or len(took) < 2:
+    print("gpu per run: FAIL: a run failed or took no GPU (no GPU seen?); its train.log says why")
+elif len(pool) > 1:
+    print(f"gpu per run: {'ok' if took['a'] != took['b'] else 'FAIL'}: the runs took GPU {took['a']} and {took['b']}")
+else:
+    print(f"gpu per run: {'ok' if waited else 'FAIL'}: one GPU, and {'run ' + waited[0] if waited else 'no run'} waited")
+PY

@@ -1,8 +1,8 @@
 """A stand-in stage for tests/test_launch.py: ``python -m tests.launched PLAN READY_DIR``.
 
-Each process marks itself ready (``READY_DIR/<rank>``), then acts on PLAN ``action:who`` (who: a rank or
-``all``; action: ``error`` a PipelineError, ``bug`` an uncaught exception, ``kill`` SIGKILL itself, ``ok``
-exit 0); the other processes wait until they are stopped (60 s at most).
+Each process marks itself ready (``READY_DIR/<rank>``, which holds the CUDA_VISIBLE_DEVICES it was given), then
+acts on PLAN ``action:who`` (who: a rank or ``all``; action: ``error`` a PipelineError, ``bug`` an uncaught
+exception, ``kill`` SIGKILL itself, ``ok`` exit 0); the other processes wait until they are stopped (60 s at most).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     action, _, who = plan.partition(":")
     with Stopper([]):
-        (Path(ready) / str(rank)).touch()
+        (Path(ready) / str(rank)).write_text(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
         if who in ("all", str(rank)):
             if action == "ok":
                 return 0

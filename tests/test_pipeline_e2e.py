@@ -207,12 +207,13 @@ def test_the_sbatch_script_drives_dvc_repro_with_the_train_stage_on_two_loopback
     assert proc.stderr.count("error") == 0, proc.stderr
 
 
-def test_a_queued_grid_runs_two_at_a_time_sharing_the_cores(reproduced, tmp_path):
-    # the README's sweep, on a 2 x 1 grid: queued, then `dvc queue start -j 2`: each run takes half the cores
+def test_a_queued_grid_runs_two_at_a_time_sharing_the_cores_and_taking_a_gpu_each(reproduced, tmp_path):
+    # the README's sweep, on a 2 x 1 grid: queued, then `dvc queue start -j 2`: each run takes half the cores, and on
+    # a machine with GPUs (two, simulated by PIPELINE_GPUS, which the queue's workers pass on) one GPU each
     repo = copy_repo(reproduced.repo, tmp_path / "repo")
     grid = ["-S", "train.lr=0.001,0.003", "-S", "train.seed=0", "-S", "train.epochs=1"]
     sh(repo, "dvc", "exp", "run", "--queue", *grid)
-    sh(repo, "dvc", "queue", "start", "-j", "2")
+    sh(repo, "dvc", "queue", "start", "-j", "2", PIPELINE_GPUS="0,1", PIPELINE_GPU_LOCK_DIR=str(tmp_path / "locks"))
     try:
         deadline = time.monotonic() + 300
         while re.search(r"\b(Queued|Running)\b", sh(repo, "dvc", "queue", "status").stdout):
@@ -229,6 +230,9 @@ def test_a_queued_grid_runs_two_at_a_time_sharing_the_cores(reproduced, tmp_path
         ran.add((train["lr"], train["seed"]))
         assert 0 <= data["metrics"]["metrics/test.json"]["data"]["test"]["accuracy"] <= 1
     assert ran == {(0.001, 0), (0.003, 0)}
+    for run in runs:
+        assert re.search(r"^GPU [01] \(of 0,1\) for this run$", sh(repo, "dvc", "queue", "logs", run["name"]).stdout,
+                         re.M)  # fmt: skip
     log = sh(repo, "dvc", "queue", "logs", runs[-1]["name"]).stdout  # one that ran beside another
     share = max(1, (os.cpu_count() or 1) // 2)
     assert f"1 process(es) on cpu ({share} threads)" in log  # its share of the cores, not all of them
