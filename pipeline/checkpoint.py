@@ -8,6 +8,7 @@ global step) holds
 
 - ``model.safetensors`` and ``best.safetensors``: current and best-by-validation weights;
 - ``ema.safetensors``, with ``train.ema`` on: the moving average of the weights (torch's ``AveragedModel``);
+- ``lookahead.safetensors``, with ``train.lookahead`` on: the slow weights and their step count;
 - ``optimizer.pt`` and ``scheduler.pt``: their ``state_dict``s, read with ``weights_only=True``;
 - ``rng.safetensors`` and ``state.json``: epoch, step within the epoch, running epoch sums, the history
   of logged rows.
@@ -36,6 +37,7 @@ from pipeline.recipe.step import SUM_CORRECT, SUM_LOSS, SUM_SAMPLES
 
 PREFIX = "step-"
 EMA_FILE = "ema.safetensors"
+LOOKAHEAD_FILE = "lookahead.safetensors"
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Checkpoint:
     scheduler: dict[str, Any]
     rng: torch.Tensor
     ema: dict[str, torch.Tensor] | None = None  # AveragedModel's state dict, with train.ema on
+    lookahead: dict[str, torch.Tensor] | None = None  # the slow weights, with train.lookahead on
 
     def scored(self) -> dict[str, torch.Tensor]:
         """The weights this checkpoint's run scores and exports: the moving average if it keeps one."""
@@ -111,6 +114,7 @@ class Expected:
     steps_per_epoch: int
     fingerprint: str  # the run's key: a checkpoint made by another run never fits
     ema: dict[str, torch.Tensor] | None = None  # the fresh AveragedModel's state dict, with train.ema on
+    lookahead: dict[str, torch.Tensor] | None = None  # the fresh slow weights, with train.lookahead on
 
 
 def capture(learner: Learner, state: TrainState, best: dict[str, torch.Tensor] | None) -> Checkpoint:
@@ -125,6 +129,7 @@ def capture(learner: Learner, state: TrainState, best: dict[str, torch.Tensor] |
         scheduler=learner.scheduler.state_dict(),
         rng=torch.get_rng_state(),
         ema=ema,
+        lookahead=None if learner.lookahead is None else learner.lookahead.state_dict(),
     )
 
 
@@ -136,6 +141,8 @@ def restore(ckpt: Checkpoint, learner: Learner) -> tuple[TrainState, dict[str, t
     learner.scheduler.load_state_dict(ckpt.scheduler)
     if learner.ema is not None and ckpt.ema is not None:
         learner.ema.load_state_dict(ckpt.ema)
+    if learner.lookahead is not None and ckpt.lookahead is not None:
+        learner.lookahead.load_state_dict(ckpt.lookahead)
     torch.set_rng_state(ckpt.rng)
     return ckpt.state, ckpt.best
 
@@ -151,6 +158,7 @@ def expected_of(learner: Learner, epochs: int, steps_per_epoch: int, fingerprint
         steps_per_epoch=steps_per_epoch,
         fingerprint=fingerprint,
         ema=None if learner.ema is None else learner.ema.state_dict(),
+        lookahead=None if learner.lookahead is None else learner.lookahead.state_dict(),
     )
 
 
@@ -187,12 +195,14 @@ def save_checkpoint(run: Path, ckpt: Checkpoint, keep: int) -> Path:
     The same step saved again (a resumed run finishing, say) replaces the one there.
     """
     final = run / checkpoint_name(ckpt.state.global_step)
-    needs = tensor_bytes((ckpt.model, ckpt.best, ckpt.optimizer, ckpt.ema))
+    needs = tensor_bytes((ckpt.model, ckpt.best, ckpt.optimizer, ckpt.ema, ckpt.lookahead))
     with atomic_path(final, folder=True, needs=needs) as tmp:
         save_file(_cpu(ckpt.model), str(tmp / "model.safetensors"))
         save_file(_cpu(ckpt.best), str(tmp / "best.safetensors"))
         if ckpt.ema is not None:
             save_file(_cpu(ckpt.ema), str(tmp / EMA_FILE))
+        if ckpt.lookahead is not None:
+            save_file(_cpu(ckpt.lookahead), str(tmp / LOOKAHEAD_FILE))
         torch.save(ckpt.optimizer, tmp / "optimizer.pt")
         torch.save(ckpt.scheduler, tmp / "scheduler.pt")
         save_file({"cpu": ckpt.rng}, str(tmp / "rng.safetensors"))
@@ -215,6 +225,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         scheduler=torch.load(path / "scheduler.pt", weights_only=True),
         rng=load_file(str(path / "rng.safetensors"))["cpu"],
         ema=load_file(str(path / EMA_FILE)) if (path / EMA_FILE).exists() else None,
+        lookahead=load_file(str(path / LOOKAHEAD_FILE)) if (path / LOOKAHEAD_FILE).exists() else None,
     )
 
 
@@ -265,6 +276,14 @@ def _schedule_misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
     return None
 
 
+def _lookahead_misfit(got: dict[str, torch.Tensor] | None, want: dict[str, torch.Tensor] | None) -> str | None:
+    if want is None:
+        return None if got is None else "it holds lookahead's slow weights, which this run does not keep"
+    if got is None:
+        return "it holds no lookahead slow weights (train.lookahead)"
+    return _weights_misfit("lookahead", got, want)
+
+
 def _ema_misfit(got: dict[str, torch.Tensor] | None, want: dict[str, torch.Tensor] | None) -> str | None:
     if want is None:
         return None if got is None else "it holds a moving average of the weights, which this run does not keep"
@@ -282,6 +301,7 @@ def misfit(ckpt: Checkpoint, expected: Expected) -> str | None:
         lambda: _optimizer_misfit(ckpt.optimizer, expected.optimizer, expected.param_shapes),
         lambda: _schedule_misfit(ckpt, expected),
         lambda: _ema_misfit(ckpt.ema, expected.ema),
+        lambda: _lookahead_misfit(ckpt.lookahead, expected.lookahead),
     ]
     return next((reason for check in checks if (reason := check()) is not None), None)
 

@@ -99,26 +99,30 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    """The train section: params.yaml explains each key beside its value."""
+
     epochs: Annotated[int, Bounds(ge=1)]
     batch_size: Annotated[int, Bounds(ge=1)]  # global batch, split evenly across processes
-    grad_accum: Annotated[
-        int, Bounds(ge=1)
-    ]  # micro-batches per process and step: the same global batch in 1/N the memory
+    grad_accum: Annotated[int, Bounds(ge=1)]  # micro-batches per process and step
     lr: Annotated[float, Bounds(gt=0)]  # peak learning rate
-    weight_decay: Annotated[float, Bounds(ge=0)]  # decoupled (AdamW) weight decay
-    schedule: Literal["onecycle", "constant"]
+    weight_decay: Annotated[float, Bounds(ge=0)]  # decoupled weight decay
+    schedule: Literal["onecycle", "triangular", "constant"]
+    optimizer: Literal["adamw", "sgd_nesterov"]
+    momentum: Annotated[float, Bounds(ge=0, lt=1, says="in [0, 1)")]  # sgd_nesterov's; adamw ignores it
+    bn_bias_lr_scale: Annotated[float, Bounds(gt=0)]  # learning-rate multiplier of the BatchNorm biases
     hflip: bool  # random horizontal flip of training images
-    translate: Annotated[
-        int, Bounds(ge=0, le=8, says="0 (off) to 8 pixels")
-    ]  # random shift by up to N pixels in x and y
-    cutout: Annotated[int, Bounds(ge=0, le=28, says="0 (off) to 28 pixels")]  # zero a random N x N square of each image
-    label_smoothing: Annotated[float, Bounds(ge=0, lt=1, says="in [0, 1)")]  # cross-entropy label smoothing
-    ema: Annotated[
-        float, Bounds(ge=0, lt=1, says="0 (off) or a decay in (0, 1)")
-    ]  # moving average of the weights, per step
+    alternate_flip: bool  # with hflip: each image flipped every other epoch, not at random
+    translate: Annotated[int, Bounds(ge=0, le=8, says="0 (off) to 8 pixels")]  # random shift in x and y
+    cutout: Annotated[int, Bounds(ge=0, le=28, says="0 (off) to 28 pixels")]  # a zeroed N x N square
+    label_smoothing: Annotated[float, Bounds(ge=0, lt=1, says="in [0, 1)")]
+    ema: Annotated[float, Bounds(ge=0, lt=1, says="0 (off) or a decay in (0, 1)")]  # per-step moving average
+    lookahead: Annotated[float, Bounds(ge=0, lt=1, says="0 (off) or a decay in (0, 1)")]  # the slow weights'
+    lookahead_every: Annotated[int, Bounds(ge=1)]  # steps between lookahead updates
+    dirac_init: bool  # each convolution starts as the identity on the channels it keeps
+    whiten_init: bool  # the first convolution starts as a whitening of the training images' patches
     mixed_precision: Precision  # the launcher may not contradict it
     compile: bool  # torch.compile the model (inductor)
-    optimizer_impl: Literal["auto", "for_loop", "foreach", "fused"]  # AdamW kernels; auto: torch's pick
+    optimizer_impl: Literal["auto", "for_loop", "foreach", "fused"]  # the optimizer's kernels; auto: torch's pick
     cudnn_benchmark: bool  # let cuDNN time and pick conv algorithms (GPU only; not bitwise reproducible)
     channels_last: bool  # NHWC memory layout for the convolutions (speed only; rounding differs)
     seed: Annotated[int, Bounds(ge=0, le=SEED_MAX, says=SEED_RANGE)]  # weights init, data order and augmentation

@@ -39,6 +39,7 @@ from pipeline.memory import activation_bytes, available_memory, check_batch_fits
 from pipeline.model import ModelConfig, build_model, save_artifact
 from pipeline.params import MIXED_PRECISIONS, Params, TrainParams, load_params
 from pipeline.provenance import RunKey, environment, run_key
+from pipeline.recipe.init import dirac_init, whiten_init
 from pipeline.recipe.optim import Learner, make_learner
 from pipeline.recipe.sampling import local_batch, steps_per_epoch
 from pipeline.report import print_once, summary_table
@@ -209,6 +210,10 @@ def build(accelerator: Accelerator, params: Params, data: Path) -> Built:
     check_sizes(params, train, accelerator.num_processes)
     model_cfg = ModelConfig(name=params.model.name)
     model = build_model(model_cfg)
+    if cfg.dirac_init:
+        dirac_init(model)
+    if cfg.whiten_init:
+        whiten_init(model, train.images)
     check_step_fits(model, model_cfg, cfg, accelerator)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch

@@ -98,6 +98,7 @@ class Trainer:
             start=self.state.step,
             max_shift=cfg.translate,
             cutout=cfg.cutout,
+            alternate_flip=cfg.alternate_flip,
             device=accelerator.device,
         )
 

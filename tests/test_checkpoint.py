@@ -21,7 +21,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.files import remove_partial
-from pipeline.recipe.optim import Learner
+from pipeline.recipe.optim import Learner, Lookahead
 
 EPOCHS, STEPS = 3, 10  # the run these checkpoints belong to: 3 epochs of 10 steps
 
@@ -250,3 +250,17 @@ def test_no_checkpoints_means_a_fresh_start_without_notes(tmp_path):
 def test_state_json_is_plain_json(tmp_path):
     path = save(tmp_path, 1)
     assert json.loads((path / "state.json").read_text())["global_step"] == 1
+
+
+def test_lookahead_state_round_trips_and_must_be_there_exactly_when_the_run_keeps_one(tmp_path):
+    learned = trained(2)
+    learned.lookahead = Lookahead(learned.model, decay=0.5, every=2)
+    for _ in range(2):
+        learned.lookahead.update(learned.model)
+    ckpt = read_checkpoint(save_checkpoint(tmp_path, capture(learned, state(2), best=None), 5))
+    assert ckpt.lookahead is not None and int(ckpt.lookahead["steps"]) == 2
+    assert torch.equal(ckpt.lookahead["slow.weight"], learned.lookahead.slow["weight"])
+    fresh = learner()
+    fresh.lookahead = Lookahead(fresh.model, decay=0.5, every=2)
+    assert misfit(ckpt, expected_of(fresh, EPOCHS, STEPS, "abc")) is None
+    assert misfit(ckpt, expected()) == "it holds lookahead's slow weights, which this run does not keep"

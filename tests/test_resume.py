@@ -207,11 +207,17 @@ def test_a_killed_worker_restarts_with_its_group_and_resumes_bitwise(setup, refe
     assert metrics(out) == metrics(ref) and curves(out) == curves(ref)
 
 
-def test_a_killed_run_with_a_moving_average_resumes_bitwise(setup, tmp_path):
-    # the average (train.ema) is state too: a resume that restarted it would export other weights
+@pytest.mark.parametrize(
+    "state",
+    [{"ema": 0.9}, {"lookahead": 0.8, "lookahead_every": 3}],
+    ids=["moving-average", "lookahead"],
+)
+def test_a_killed_run_with_averaged_weights_resumes_bitwise(setup, tmp_path, state):
+    # the average (train.ema) and lookahead's slow weights are state too: a resume that restarted them would
+    # export other weights
     root, raw, _ = setup
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(full_params(OVERRIDES, {"train": {"ema": 0.9}})))
+    params.write_text(yaml.safe_dump(full_params(OVERRIDES, {"train": state})))
     ref, out = tmp_path / "reference", tmp_path / "killed"
     run(train_command(ref, params, raw))
     cmd = train_command(out, params, raw)

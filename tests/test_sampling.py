@@ -107,3 +107,20 @@ def test_no_two_seeds_epochs_or_streams_share_a_random_sequence():
     assert len(seen) == 5 * 3 * 4
     assert draws(0, 0, FLIP) != draws(7919, 0, ORDER)  # a linear mix of seed and stream made these equal
     assert draws(3, 5, SHIFT) == draws(3, 5, SHIFT)  # and each is reproducible
+
+
+def test_alternating_flips_flip_each_image_the_other_way_every_other_epoch_on_any_process_count():
+    def flips(epoch: int, world: int) -> torch.Tensor:  # per sample index, over all ranks
+        out = torch.zeros(60, dtype=torch.bool)
+        for rank in range(world):
+            for b in rank_batches(60, batch_size=12, seed=3, epoch=epoch, rank=rank, world=world, alternate_flip=True):
+                out[b.indices] = b.flip
+        return out
+
+    first, second, third = flips(0, 1), flips(1, 1), flips(2, 1)
+    assert 10 < int(first.sum()) < 50  # at random in the first epoch
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    assert torch.equal(flips(1, 2), second) and torch.equal(flips(1, 3), second)
+    plain = torch.cat([b.flip for b in rank_batches(60, batch_size=12, seed=3, epoch=0)])
+    assert not torch.equal(plain, torch.cat([b.flip for b in rank_batches(60, batch_size=12, seed=3, epoch=0,
+                                                                            alternate_flip=True)]))  # fmt: skip

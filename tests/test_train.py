@@ -86,6 +86,28 @@ def test_same_seed_gives_bitwise_identical_weights(tmp_path, tiny_raw, write_par
     assert all((first[k] == second[k]).all() for k in first)
 
 
+TECHNIQUES = {
+    "optimizer": {"optimizer": "sgd_nesterov", "lr": 0.02},
+    "triangular": {"schedule": "triangular"},
+    "bn-bias-lr": {"bn_bias_lr_scale": 16.0},
+    "alternate-flip": {"alternate_flip": True},
+    "lookahead": {"lookahead": 0.8, "lookahead_every": 2},
+    "dirac-init": {"dirac_init": True},
+    "whiten-init": {"whiten_init": True},
+}
+
+
+@pytest.mark.parametrize("technique", list(TECHNIQUES))
+def test_each_speed_technique_reaches_the_training_it_names(tmp_path, tiny_raw, write_params, monkeypatch, technique):
+    monkeypatch.chdir(tmp_path)
+    weights = {}
+    for name, changes in (("off", {}), ("on", TECHNIQUES[technique])):
+        params = write_params({"model": {"name": "bn_cnn"}, "train": {"epochs": 1, **changes}}, name=f"{name}.yaml")
+        run_train(tmp_path, params, "--fresh")
+        weights[name] = load_file(str(tmp_path / "models" / "model.safetensors"))
+    assert any(not torch.equal(weights["on"][k], weights["off"][k]) for k in weights["off"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [

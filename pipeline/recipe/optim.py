@@ -1,8 +1,9 @@
-"""The optimizer, the learning-rate schedule and the moving average of the weights, and the :class:`Learner`
+"""The optimizer, the learning-rate schedule, the moving average and lookahead of the weights, and the :class:`Learner`
 that holds them with the model: everything a training step changes."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -15,18 +16,54 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from pipeline.params import TrainParams
 
 
+def param_groups(model: nn.Module, cfg: TrainParams) -> list[dict]:
+    """One group of every parameter; with ``cfg.bn_bias_lr_scale`` != 1, the BatchNorm biases in a group of their
+    own at that multiple of the learning rate and with no weight decay (as airbench does)."""
+    if cfg.bn_bias_lr_scale == 1:
+        return [{"params": list(model.parameters())}]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    biases = {id(m.bias) for m in norms if m.bias is not None}
+    scaled = [p for p in model.parameters() if id(p) in biases]
+    rest = [p for p in model.parameters() if id(p) not in biases]
+    return [{"params": rest}, {"params": scaled, "lr": cfg.lr * cfg.bn_bias_lr_scale, "weight_decay": 0.0}]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
-    """AdamW with the kernels ``cfg.optimizer_impl`` asks for (auto: torch's own choice per device)."""
+    """``cfg.optimizer`` (AdamW, or SGD with Nesterov momentum) with the kernels ``cfg.optimizer_impl`` asks for
+    (auto: torch's own choice per device)."""
     impl = cfg.optimizer_impl
     foreach = {"for_loop": False, "foreach": True}.get(impl)  # None: torch decides
     fused = True if impl == "fused" else None
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused)
+    groups = param_groups(model, cfg)
+    params = groups[0]["params"] if len(groups) == 1 else groups  # one group: the plain call, as before groups
+    if cfg.optimizer == "sgd_nesterov":
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+            foreach=foreach,
+            fused=fused,
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused)
+
+
+def triangle(step: int, total: int, peak: float = 0.25) -> float:
+    """The triangular schedule's factor at ``step`` of ``total``: linear up to 1 at ``peak`` of the steps, then
+    linear down to 0 at the end."""
+    top = max(1, round(peak * total))
+    return (step + 1) / top if step < top else max(0.0, (total - step) / (total - top + 1))
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainParams, total_steps: int) -> LRScheduler:
     """The per-step learning-rate schedule ``cfg.schedule`` names, over ``total_steps`` optimizer steps."""
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25)
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        max_lr = peaks[0] if len(peaks) == 1 else peaks
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=0.25)
+    if cfg.schedule == "triangular":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(triangle, total=total_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -37,6 +74,35 @@ def make_ema(model: nn.Module, cfg: TrainParams, device: torch.device | None = N
     return AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
 
+class Lookahead:
+    """Slow weights: every ``every`` steps they move towards the network's by ``1 - decay``, and the network's
+    floating-point weights and buffers are set to them (airbench's lookahead)."""
+
+    def __init__(self, network: nn.Module, decay: float, every: int) -> None:
+        self.decay, self.every = decay, every
+        self.slow = {k: v.detach().clone() for k, v in network.state_dict().items() if v.is_floating_point()}
+        self.steps = torch.zeros((), dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        """After an optimizer step: count it, and every ``every`` steps pull the network to the slow weights."""
+        self.steps += 1
+        if int(self.steps) % self.every:
+            return
+        for name, value in network.state_dict().items():
+            if name in self.slow:
+                self.slow[name].lerp_(value, 1 - self.decay)
+                value.copy_(self.slow[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**{f"slow.{k}": v for k, v in self.slow.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in self.slow.items():
+            v.copy_(state[f"slow.{k}"])
+        self.steps.copy_(state["steps"])
+
+
 @dataclass
 class Learner:
     """What a training step changes: the model, its optimizer and schedule, and the moving average."""
@@ -45,6 +111,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     ema: AveragedModel | None = None  # with train.ema: updated every step; validated, kept as best and exported
+    lookahead: Lookahead | None = None  # with train.lookahead: the slow weights the network is pulled to
 
     @cached_property
     def network(self) -> nn.Module:
@@ -60,4 +127,6 @@ class Learner:
 def make_learner(model: nn.Module, cfg: TrainParams, total_steps: int, device: torch.device | None = None) -> Learner:
     """``model`` with AdamW, the schedule over ``total_steps`` and the moving average ``cfg`` asks for."""
     optimizer = make_optimizer(model, cfg)
-    return Learner(model, optimizer, make_schedule(optimizer, cfg, total_steps), make_ema(model, cfg, device))
+    lookahead = Lookahead(model, cfg.lookahead, cfg.lookahead_every) if cfg.lookahead else None
+    schedule = make_schedule(optimizer, cfg, total_steps)
+    return Learner(model, optimizer, schedule, make_ema(model, cfg, device), lookahead)

@@ -47,6 +47,13 @@ def flip_mask(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.rand(n, generator=epoch_rng(seed, epoch, FLIP)) < 0.5
 
 
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which samples (by index, not position) are flipped in ``epoch``: at random in epoch 0, then every other
+    epoch each sample the other way, so that every image is seen both ways in any two epochs in a row."""
+    first = torch.rand(n, generator=epoch_rng(seed, 0, FLIP)) < 0.5
+    return first if epoch % 2 == 0 else ~first
+
+
 def shift_offsets(n: int, seed: int, epoch: int, max_shift: int) -> torch.Tensor:
     """(n, 2) random (dy, dx) translations in ``[-max_shift, max_shift]`` per position of the epoch's order."""
     if max_shift == 0:
@@ -84,6 +91,7 @@ def rank_batches(
     start: int = 0,
     max_shift: int = 0,
     cutout: int = 0,
+    alternate_flip: bool = False,
     device: torch.device | str = "cpu",
 ) -> Iterator[Batch]:
     """This rank's :class:`Batch` of each global batch of ``batch_size`` of the epoch over ``n`` samples.
@@ -91,12 +99,13 @@ def rank_batches(
     Every global batch is cut into ``world`` equal contiguous shards, so the union over ranks is
     exactly the single-process batch. ``start`` skips the first steps, for resuming mid-epoch in
     exactly the same order. The epoch's draws are made on the CPU (the same on every device) and
-    moved to ``device`` once, not once per step.
+    moved to ``device`` once, not once per step. ``alternate_flip`` flips by :func:`alternating_flips`.
     """
     local = local_batch(batch_size, world)
+    order = epoch_order(n, seed, epoch)
     draws = Batch(
-        epoch_order(n, seed, epoch),
-        flip_mask(n, seed, epoch),
+        order,
+        alternating_flips(n, seed, epoch)[order] if alternate_flip else flip_mask(n, seed, epoch),
         shift_offsets(n, seed, epoch, max_shift),
         cutout_centers(n, seed, epoch, cutout),
     )

@@ -63,6 +63,8 @@ def train_step(
     learner.optimizer.step()
     learner.scheduler.step()
     learner.optimizer.zero_grad(set_to_none=True)
+    if learner.lookahead is not None:
+        learner.lookahead.update(learner.network)
     if learner.ema is not None:
         learner.ema.update_parameters(learner.network)
     return losses[0] if chunks == 1 else torch.stack(losses).mean()
