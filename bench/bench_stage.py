@@ -118,10 +118,13 @@ def run_scaling(data: Path, samples: int, variant: str, seed: int) -> dict[str, 
     return run_option(data, samples, at_batch(recipe_params("default").train, int(batch)), seed, model=model)
 
 
-def run_recipe(data: Path, recipe: str, seed: int, quick: bool, batch: int = 0) -> dict[str, Any]:
-    """A whole recipe on the train stage (at global ``batch``, if given, with :func:`at_batch`'s learning rate);
-    the test accuracy of every epoch's checkpoint afterwards (not timed)."""
-    params = recipe_params(recipe)
+def run_recipe(
+    data: Path, recipe: str, seed: int, quick: bool, batch: int = 0, changes: dict | None = None
+) -> dict[str, Any]:
+    """A whole recipe on the train stage (at global ``batch``, if given, with :func:`at_batch`'s learning rate;
+    with ``changes`` ({section: {key: value}}) laid over it); the test accuracy of every epoch's checkpoint
+    afterwards (not timed)."""
+    params = with_changes(recipe_params(recipe), changes or {})
     params = with_changes(params, {"train": at_batch(params.train, batch)}) if batch else params
     smoke = {"data": {"subset": QUICK["train"] + QUICK["val"], "val_size": QUICK["val"]},
              "train": {"epochs": min(QUICK["epochs"], params.train.epochs)}}  # fmt: skip

@@ -40,7 +40,7 @@ from pipeline.model import ModelConfig, build_model, save_artifact
 from pipeline.params import MIXED_PRECISIONS, Params, TrainParams, load_params
 from pipeline.provenance import RunKey, environment, run_key
 from pipeline.recipe.init import dirac_init, whiten_init
-from pipeline.recipe.optim import Learner, make_learner
+from pipeline.recipe.optim import ONECYCLE_MIN_STEPS, Learner, make_learner
 from pipeline.recipe.sampling import local_batch, steps_per_epoch
 from pipeline.report import print_once, summary_table
 from pipeline.runs import checkpoint_store, hold_run, open_run, remove_run
@@ -100,6 +100,13 @@ def check_sizes(params: Params, train: Split, world: int) -> None:
         raise DataError(
             f"train.batch_size ({b}) is larger than the {len(train)} training samples left after validation; "
             "lower it, or raise data.subset"
+        )
+    total = params.train.epochs * steps_per_epoch(len(train), b)
+    if params.train.schedule == "onecycle" and total < ONECYCLE_MIN_STEPS:
+        raise DataError(
+            f"train.schedule onecycle needs at least {ONECYCLE_MIN_STEPS} optimizer steps and this run has {total} "
+            "(train.epochs x steps per epoch); raise train.epochs, lower train.batch_size, or set train.schedule "
+            "to triangular or constant"
         )
 
 

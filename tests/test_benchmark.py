@@ -198,3 +198,17 @@ def test_a_scaling_row_trains_on_its_processes_or_at_its_batch(tmp_path, variant
         assert (row["processes"], row["threads"], row["model"]) == (2, share, "tutorial_cnn")
     else:
         assert (row["processes"], row["model"], row["batch_size"], row["lr"]) == (1, "bn_cnn", 256, 0.002828)
+
+
+def test_the_ablation_runs_each_technique_through_the_train_stage_and_tables_it(tmp_path):
+    from bench.ablation import main as ablation
+
+    raw = write_raw(tmp_path / "raw", n_train=1600, n_test=500)
+    out = tmp_path / "ablation.json"
+    assert ablation(["--data", str(raw), "--quick", "--only", "base", "alternate-flip", "--epochs", "2",
+                     "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["rows"]["alternate-flip"]["recipe"]["alternate_flip"] is True
+    assert report["rows"]["base"]["recipe"]["alternate_flip"] is False
+    table = out.with_suffix(".md").read_text()
+    assert "| alternate-flip |" in table and " pts |" in table

@@ -116,8 +116,9 @@ def test_each_speed_technique_reaches_the_training_it_names(tmp_path, tiny_raw, 
         ({"train": {"epochs": 0}}, r"train\.epochs must be >= 1"),
         ({"model": {"name": "lenet"}}, r"model\.name 'lenet' is unknown"),
         ({"train": {"bogus": 1}}, r"unknown key train\.bogus"),
+        ({"train": {"epochs": 1, "batch_size": 50}}, r"onecycle needs at least 5 optimizer steps and this run has 4"),
     ],
-    ids=["val-size-too-big", "batch-larger-than-data", "epochs-zero", "unknown-model", "unknown-key"],
+    ids=["val-size-too-big", "batch-larger-than-data", "epochs-zero", "unknown-model", "unknown-key", "onecycle-short"],
 )
 def test_bad_inputs_stop_before_work_with_one_line(
     tmp_path, tiny_raw, write_params, monkeypatch, capsys, overrides, match

@@ -49,6 +49,10 @@ def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach, fused=fused)
 
 
+# torch's one-cycle warms up over 25 % of the steps less one, and divides by that: it needs 5 steps at least
+ONECYCLE_MIN_STEPS = 5
+
+
 def triangle(step: int, total: int, peak: float = 0.25) -> float:
     """The triangular schedule's factor at ``step`` of ``total``: linear up to 1 at ``peak`` of the steps, then
     linear down to 0 at the end."""
