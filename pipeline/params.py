@@ -125,12 +125,20 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    # fp32 on the CPU, torch's kernels and onnxruntime's round differently (about 1e-6 on these logits); a gap
+    # far above that is a mistranslated model, not rounding
+    max_logit_diff: float = knob(1e-4, gt=0, le=1, says="in (0, 1]")  # largest |logit| gap on any test image
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     download: DownloadParams = field(default_factory=DownloadParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -431,6 +439,7 @@ __all__ = [
     "DataParams",
     "DownloadParams",
     "EvaluateParams",
+    "ExportParams",
     "ModelParams",
     "Params",
     "ParamsError",

@@ -65,7 +65,7 @@ def test_integer_is_accepted_for_a_float_key():
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
-        ({"trian": {}}, r"unknown key trian; allowed keys: data, download, evaluate, model, train"),
+        ({"trian": {}}, r"unknown key trian; allowed keys: data, download, evaluate, export, model, train"),
         ({"train": {"learning_rate": 0.1}}, r"unknown key train\.learning_rate; allowed keys in train: .*lr"),
         ({"train": {"epochs": "ten"}}, r"train\.epochs must be an integer, got 'ten'"),
         ({"train": {"epochs": 2.5}}, r"train\.epochs must be an integer"),
@@ -94,6 +94,8 @@ def test_integer_is_accepted_for_a_float_key():
         ({"train": {"seed": -1}}, r"train\.seed must be 0 to 4294967295, got -1"),
         ({"train": {"seed": 2**70}}, r"train\.seed must be 0 to 4294967295, got 1180591620717411303424"),
         ({"data": {"split_seed": 2**32}}, r"data\.split_seed must be 0 to 4294967295"),
+        ({"export": {"max_logit_diff": 0}}, r"export\.max_logit_diff must be in \(0, 1\], got 0"),
+        ({"export": {"max_logit_diff": "1e-4"}}, r"export\.max_logit_diff must be a number, got '1e-4'"),
         (["train"], r"a params file must be a mapping of keys to values, got \['train'\]"),
     ],
     ids=[
@@ -126,6 +128,8 @@ def test_integer_is_accepted_for_a_float_key():
         "negative-seed",
         "seed-too-large",
         "split-seed-too-large",
+        "logit-bound-zero",
+        "logit-bound-string",
         "top-level-list",
     ],
 )
