@@ -126,7 +126,7 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class ExportParams:
-    # fp32 on the CPU, torch's kernels and onnxruntime's round differently (about 1e-6 on these logits); a gap
+    # fp32 on the CPU, torch's kernels and onnxruntime's round differently (under 1e-5 on these logits); a gap
     # far above that is a mistranslated model, not rounding
     max_logit_diff: float = knob(1e-4, gt=0, le=1, says="in (0, 1]")  # largest |logit| gap on any test image
 
