@@ -62,6 +62,8 @@ def command(params: Path, data: Path, model_dir: Path, out: Path, metrics: Path,
 
 @dataclass(frozen=True)
 class Exported:
+    """An exported model, as bytes, and the opset they declare."""
+
     onnx: bytes  # the serialised ModelProto
     opset: int  # of the default (ai.onnx) domain, as the file declares it
 
@@ -69,8 +71,9 @@ class Exported:
 def export_onnx(model: nn.Module, cfg: ModelConfig) -> Exported:
     """``model`` as ONNX: input :data:`INPUT` float32 (N, C, H, W), N free; output :data:`OUTPUT` (N, classes)."""
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) < EXPORTER_TORCH:
-        raise PipelineError(f"the ONNX export needs torch >= 2.6 ({EXPORTER}); this is torch {torch.__version__}")
-    example = torch.rand(2, cfg.in_channels, cfg.image_size, cfg.image_size)  # 2: torch.export fixes a batch of 1
+        needs = ".".join(map(str, EXPORTER_TORCH))
+        raise PipelineError(f"the ONNX export needs torch >= {needs} ({EXPORTER}); this is torch {torch.__version__}")
+    example = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)  # 2: torch.export fixes a batch of 1
     try:
         program = torch.onnx.export(
             model.eval(), (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT], output_names=[OUTPUT],

@@ -168,3 +168,19 @@ def test_an_export_without_onnxruntime_is_one_line(tmp_path, tiny_raw, write_par
     assert info.value.code == 2
     assert capsys.readouterr().err.startswith("error: onnxruntime is not installed; pip install onnxruntime")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [("old-torch", "the ONNX export needs torch >= 2.6 (torch.onnx.export(dynamo=True)); this is torch 2.5.1"),
+     ("old-onnxscript", "cannot import onnxscript._framework_apis.torch_2_11; pip install -U onnxscript")],
+)  # fmt: skip
+def test_an_exporter_this_environment_lacks_is_one_line(monkeypatch, fault, said):
+    if fault == "old-torch":
+        monkeypatch.setattr(torch, "__version__", "2.5.1")
+    else:
+        missing = ModuleNotFoundError("No module named 'onnxscript._framework_apis.torch_2_11'")
+        missing.name = "onnxscript._framework_apis.torch_2_11"
+        monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: (_ for _ in ()).throw(missing))
+    with pytest.raises(PipelineError, match=re.escape(said)):
+        export.export_onnx(build_model(ModelConfig()), ModelConfig())
