@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,17 @@ from pipeline.dataset import load_split
 from pipeline.errors import PipelineError, cli
 from pipeline.files import check_outputs, write_json
 from pipeline.model import WEIGHTS_FILE, ModelConfig, artifact_info, load_artifact
-from pipeline.onnx_model import BATCH, INPUT, ONNX_FILE, OUTPUT, io_spec, open_session, session_logits, write_onnx
+from pipeline.onnx_model import (
+    BATCH,
+    INPUT,
+    ONNX_FILE,
+    OUTPUT,
+    Logits,
+    io_spec,
+    open_session,
+    session_logits,
+    write_onnx,
+)
 from pipeline.params import load_params
 from pipeline.runtime import summary_table
 
@@ -91,7 +100,7 @@ def export_onnx(model: nn.Module, cfg: ModelConfig) -> Exported:
     return Exported(proto.SerializeToString(), opset)
 
 
-def logits_on(logits: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+def logits_on(logits: Logits, images: torch.Tensor) -> torch.Tensor:
     """float32 ``logits`` (N, classes) of uint8 ``images`` (N, H, W), a batch of :data:`PARITY_BATCH` at a time."""
     with torch.no_grad():
         return torch.cat([logits(to_input(images[i : i + PARITY_BATCH])).float()

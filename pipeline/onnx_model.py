@@ -31,6 +31,7 @@ SPEC_FILE = "model.json"
 INPUT, OUTPUT = "images", "logits"  # the graph's input and output names
 BATCH = "batch"  # the name of the free batch axis in both
 REEXPORT = "re-export: dvc repro export"
+Logits = Callable[[torch.Tensor], torch.Tensor]  # a model: float inputs (N, C, H, W) in [0, 1] -> logits (N, classes)
 
 
 def io_spec(cfg: ModelConfig, classes: list[str]) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def open_session(onnx: bytes | Path) -> InferenceSession:
     return session
 
 
-def session_logits(session: InferenceSession) -> Callable[[torch.Tensor], torch.Tensor]:
+def session_logits(session: InferenceSession) -> Logits:
     """``session`` as a function from float32 inputs (N, C, H, W) in [0, 1] to float32 logits (N, classes)."""
 
     def logits(inputs: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,6 @@ import io
 import json
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +36,7 @@ from pipeline.dataset import CLASSES, load_split
 from pipeline.errors import DataError, ModelArtifactError, cli
 from pipeline.files import check_outputs, write_text
 from pipeline.model import ModelConfig, artifact_info, load_artifact
-from pipeline.onnx_model import ONNX_FILE, open_session, read_spec, session_logits
+from pipeline.onnx_model import ONNX_FILE, Logits, open_session, read_spec, session_logits
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -223,9 +222,6 @@ def read_image(path: Path, cfg: ModelConfig, invert: bool, photo: bool = False) 
     except ValueError as e:
         raise DataError(f"{path} cannot be read as a grey picture: {e}") from None
     return torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(cfg.image_size, cfg.image_size)
-
-
-Logits = Callable[[torch.Tensor], torch.Tensor]  # float inputs (N, C, H, W) in [0, 1] -> logits (N, classes)
 
 
 def top_k(model: Logits, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
