@@ -31,6 +31,7 @@ SPEC_FILE = "model.json"
 INPUT, OUTPUT = "images", "logits"  # the graph's input and output names
 BATCH = "batch"  # the name of the free batch axis in both
 REEXPORT = "re-export: dvc repro export"
+UNLOADABLE_EXPORT = "the exporter wrote a model this onnxruntime cannot run: try other torch, onnxscript or onnxruntime"
 Logits = Callable[[torch.Tensor], torch.Tensor]  # a model: float inputs (N, C, H, W) in [0, 1] -> logits (N, classes)
 
 
@@ -79,20 +80,25 @@ def read_spec(onnx_path: str | Path) -> tuple[ModelConfig, list[str]]:
     return cfg, classes
 
 
-def onnxruntime_error(e: Exception) -> bool:
-    """Whether ``e`` is one of onnxruntime's own errors: its status codes (INVALID_PROTOBUF, FAIL, ...) are
-    plain Exception subclasses of its extension module, so they can only be told by where they come from."""
-    return type(e).__module__.startswith("onnxruntime")
+def onnxruntime_error(e: Exception) -> str | None:
+    """The first line of ``e`` if it is one of onnxruntime's own errors, else None. Its status codes
+    (INVALID_PROTOBUF, FAIL, ...) are plain Exception subclasses of its extension module, so they can only be
+    told by where they come from."""
+    if not type(e).__module__.startswith("onnxruntime"):
+        return None
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def open_session(onnx: bytes | Path) -> InferenceSession:
-    """An onnxruntime session on the CPU for an ONNX model (a file, or its bytes), refused in one line if
-    onnxruntime is missing or cannot load it, or if its input is not :data:`INPUT`."""
+    """An onnxruntime session on the CPU for an ONNX model (a file, or the bytes an export just made), refused in
+    one line if onnxruntime is missing or cannot load it, or if the model does not map :data:`INPUT` to
+    :data:`OUTPUT`."""
     try:
         import onnxruntime
     except ImportError:
         raise PipelineError("onnxruntime is not installed; pip install onnxruntime (or pip install -e .)") from None
-    where = "the exported model" if isinstance(onnx, bytes) else str(onnx)
+    fresh = isinstance(onnx, bytes)  # a file that does not load is re-exported; an export that does not, is not
+    where, remedy = ("the exported model", UNLOADABLE_EXPORT) if fresh else (str(onnx), REEXPORT)
     if isinstance(onnx, Path) and not onnx.is_file():
         raise ModelArtifactError(f"ONNX model {onnx} {'is not a file' if onnx.exists() else 'is missing'}; {REEXPORT}")
     options = onnxruntime.SessionOptions()
@@ -102,20 +108,29 @@ def open_session(onnx: bytes | Path) -> InferenceSession:
             onnx if isinstance(onnx, bytes) else str(onnx), options, providers=["CPUExecutionProvider"]
         )
     except Exception as e:
-        if not onnxruntime_error(e):
+        said = onnxruntime_error(e)
+        if said is None:
             raise
-        raise ModelArtifactError(f"onnxruntime cannot load {where} ({str(e).splitlines()[0]}); {REEXPORT}") from None
+        raise ModelArtifactError(f"onnxruntime cannot load {where} ({said}); {remedy}") from None
     names = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if names != ([INPUT], [OUTPUT]):
-        raise ModelArtifactError(f"{where} maps {names[0]} to {names[1]}, not [{INPUT!r}] to [{OUTPUT!r}]; {REEXPORT}")
+        raise ModelArtifactError(f"{where} maps {names[0]} to {names[1]}, not [{INPUT!r}] to [{OUTPUT!r}]; {remedy}")
     return session
 
 
 def session_logits(session: InferenceSession) -> Logits:
-    """``session`` as a function from float32 inputs (N, C, H, W) in [0, 1] to float32 logits (N, classes)."""
+    """``session`` as a function from float32 inputs (N, C, H, W) in [0, 1] to float32 logits (N, classes); an
+    input the model does not take (a spec whose image size is not the file's) is one line."""
 
     def logits(inputs: torch.Tensor) -> torch.Tensor:
-        (out,) = session.run([OUTPUT], {INPUT: inputs.detach().cpu().float().contiguous().numpy()})
+        try:
+            (out,) = session.run([OUTPUT], {INPUT: inputs.detach().cpu().float().contiguous().numpy()})
+        except Exception as e:
+            said = onnxruntime_error(e)
+            if said is None:
+                raise
+            raise ModelArtifactError(f"onnxruntime cannot run the ONNX model on {tuple(inputs.shape)} ({said}); "
+                                     f"{REEXPORT}") from None  # fmt: skip
         return torch.from_numpy(out)
 
     return logits

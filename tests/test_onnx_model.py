@@ -87,3 +87,14 @@ def test_the_io_spec_names_a_free_batch_axis_and_the_input_range():
     spec = io_spec(ModelConfig(image_size=32), ["x"] * 10)
     assert spec["input"]["shape"] == ["batch", 1, 32, 32] and spec["input"]["range"] == [0.0, 1.0]
     assert spec["output"]["shape"] == ["batch", 10]
+
+
+def test_an_export_onnxruntime_cannot_load_blames_the_versions_not_the_file():
+    with pytest.raises(ModelArtifactError, match=r"^onnxruntime cannot load the exported model \(.*try other torch"):
+        open_session(b"not a model")
+
+
+def test_an_input_the_model_does_not_take_is_one_line(tmp_path):
+    logits = session_logits(open_session(written(tmp_path, identity_onnx())))
+    with pytest.raises(ModelArtifactError, match=r"^onnxruntime cannot run the ONNX model on \(3, 5\) \(.*; re-export"):
+        logits(torch.rand(3, 5))
