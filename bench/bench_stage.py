@@ -21,10 +21,9 @@ import torch
 
 from bench.seed_loop import accuracy_on, sync
 from pipeline.checkpoint import list_checkpoints, read_checkpoint
-from pipeline.dataset import load_split
+from pipeline.dataset import load_split, to_input
 from pipeline.model import ModelConfig, build_model
 from pipeline.params import ModelName, Params, TrainParams, load_params, read_yaml, save_params, with_changes
-from pipeline.recipe.augment import to_input
 from pipeline.recipe.sampling import rank_batches
 from pipeline.recipe.step import step_inputs
 from pipeline.runs import list_runs

@@ -2,7 +2,7 @@
 
 Pure apart from :func:`load_split`, which reads ``data/raw``. torch is imported only inside the
 functions that make tensors, so the download stage, which needs just the manifest, never loads it.
-Images stay ``uint8`` (N, 28, 28); :func:`pipeline.recipe.augment.to_input` turns batches into floats.
+Images stay ``uint8`` (N, 28, 28); :func:`to_input` turns a batch into the models' float input.
 """
 
 from __future__ import annotations
@@ -87,6 +87,11 @@ class Split:
 
     def to(self, device: torch.device | str) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
+
+
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1]; normalisation lives in the model."""
+    return images.unsqueeze(1).float().div_(255.0)
 
 
 def load_split(raw_dir: str | Path, split: str, subset: int = 0) -> Split:

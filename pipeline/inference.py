@@ -7,10 +7,10 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.dataset import Split
+from pipeline.dataset import Split, to_input
 from pipeline.metrics import Predictions
 from pipeline.params import TestTimeAugmentation
-from pipeline.recipe.augment import logits_of, to_input
+from pipeline.recipe.augment import logits_of
 
 
 def eval_loader(split: Split, batch_size: int) -> DataLoader:

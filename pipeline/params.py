@@ -140,12 +140,20 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    # fp32 on the CPU, torch's kernels and onnxruntime's round differently (under 1e-5 on these logits); a gap
+    # far above that is a mistranslated model, not rounding
+    max_logit_diff: Annotated[float, Bounds(gt=0, le=1, says="in (0, 1]")]  # largest |logit| gap on any test image
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     download: DownloadParams
     model: ModelParams
     train: TrainParams
     evaluate: EvaluateParams
+    export: ExportParams
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -449,6 +457,7 @@ __all__ = [
     "DataParams",
     "DownloadParams",
     "EvaluateParams",
+    "ExportParams",
     "ModelParams",
     "Params",
     "ParamsError",

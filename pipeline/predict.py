@@ -8,6 +8,7 @@ probabilities for each input, or writes them to a CSV or JSON file:
     fashion-predict photos/ "shots/*.jpg"     # every image in a folder; a glob (quoted or not)
     fashion-predict photos/ --out preds.csv   # or preds.json: the top-k of each input
     fashion-predict --idx 0 1 2               # test-set samples from data/raw
+    fashion-predict --idx 0 1 2 --onnx        # the same, run by onnxruntime from onnx/model.onnx (no torch model)
 
 Images are read like Fashion-MNIST: light garment on a dark background. Pass
 ``--invert`` for photos of dark items on a light background. A non-square image is
@@ -30,11 +31,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.dataset import CLASSES, load_split
+from pipeline.dataset import CLASSES, load_split, to_input
 from pipeline.errors import DataError, ModelArtifactError, cli
 from pipeline.files import check_outputs, write_text
 from pipeline.model import ModelConfig, artifact_info, load_artifact
-from pipeline.recipe.augment import to_input
+from pipeline.onnx_model import ONNX_FILE, Logits, open_session, read_spec, session_logits
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -44,7 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Print the top-k Fashion-MNIST classes for images or test samples.")
     p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...), folders of them, or globs to classify")
     p.add_argument("--idx", type=int, nargs="+", metavar="N", help="classify test-set samples N... instead")
-    p.add_argument("--model-dir", default="models", help="model artifact folder (default: %(default)s)")
+    p.add_argument("--model-dir", help="model artifact folder (default: models)")
+    p.add_argument("--onnx", type=Path, nargs="?", const=Path("onnx", ONNX_FILE), metavar="PATH",
+                   help=f"run this ONNX file with onnxruntime instead, its spec (.json) beside it; builds no torch "
+                   f"model (PATH defaults to onnx/{ONNX_FILE}, written by `dvc repro export`)")  # fmt: skip
     p.add_argument("--data", default="data/raw", help="IDX folder, for --idx (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=3, help="classes to print per input (default: %(default)s)")
     p.add_argument("--invert", action="store_true", help="invert image files (dark item on light background)")
@@ -56,8 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--out {args.out}: give a .csv or .json file")
     if args.photo and args.invert:
         p.error("--photo negates a light background itself; drop --invert")
+    if args.onnx is not None and args.onnx.suffix != ".onnx":  # `--onnx shirt.png` took the image as its PATH
+        p.error(f"--onnx {args.onnx}: give an .onnx file, or put --onnx after the images")
     if bool(args.images) == bool(args.idx):
         p.error("give image files or --idx, not both or neither")
+    if args.onnx is not None and args.model_dir is not None:
+        p.error("--onnx runs the ONNX file and reads no model folder; drop --model-dir")
     if not 1 <= args.top_k <= len(CLASSES):
         p.error(f"--top-k must be between 1 and {len(CLASSES)}")
     return args
@@ -215,11 +223,23 @@ def read_image(path: Path, cfg: ModelConfig, invert: bool, photo: bool = False) 
     return torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(cfg.image_size, cfg.image_size)
 
 
-def top_k(model: torch.nn.Module, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, class indices), each (N, k), best first."""
+def top_k(model: Logits, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, class indices), each (N, k), best first, of uint8 ``images`` (N, H, W)."""
     with torch.no_grad():
         probs = model(to_input(images)).softmax(dim=1)
     return probs.topk(k, dim=1)
+
+
+def classifier(args: argparse.Namespace) -> tuple[Logits, ModelConfig, list[str], str]:
+    """The model to run, its architecture (for the input size), its class names and where it came from: the
+    torch model rebuilt from ``--model-dir``, or with ``--onnx`` an onnxruntime session (no torch model built)."""
+    if args.onnx is not None:
+        cfg, classes = read_spec(args.onnx)
+        return session_logits(open_session(args.onnx)), cfg, classes, str(args.onnx)
+    model_dir = args.model_dir or "models"
+    model, cfg = load_artifact(model_dir)
+    classes = artifact_info(model_dir)["classes"]  # the artifact names its own classes
+    return model.eval(), cfg, classes, model_dir
 
 
 def refuse_non_finite(probs: torch.Tensor, names: list[str], model_dir: str) -> None:
@@ -268,12 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.out is not None:
         check_outputs({"--out": args.out})
-    model, cfg = load_artifact(args.model_dir)
-    model.eval()
-    classes = artifact_info(args.model_dir)["classes"]  # the artifact names its own classes
+    model, cfg, classes, source = classifier(args)
     images, names = inputs(args, cfg, classes)
     probs, indices = top_k(model, images, args.top_k)
-    refuse_non_finite(probs, names, args.model_dir)
+    refuse_non_finite(probs, names, source)
     rows = rows_of(names, probs, indices, classes)
     if args.out is None:
         for row in rows:

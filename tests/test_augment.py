@@ -4,7 +4,8 @@ import dataclasses
 
 import torch
 
-from pipeline.recipe.augment import augment, batch_cutout, batch_flip_lr, batch_translate, to_input
+from pipeline.dataset import to_input
+from pipeline.recipe.augment import augment, batch_cutout, batch_flip_lr, batch_translate
 from pipeline.recipe.sampling import Batch
 from tests.conftest import default_params
 

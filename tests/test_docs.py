@@ -213,6 +213,12 @@ FAULT_TESTS = {
         "test_evaluate.py::test_non_finite_logits_are_an_error_and_no_metrics_are_written"
     ),
     "an image bomb given to predict": "test_predict.py::test_a_huge_image_is_refused_before_decoding",
+    "an ONNX export that does not match its torch model": (
+        "test_export.py::test_an_onnx_model_that_does_not_match_torch_is_refused_and_the_last_export_kept"
+    ),
+    "a corrupt `model.onnx` given to `fashion-predict --onnx`": (
+        "test_predict.py::test_an_onnx_model_that_cannot_run_is_one_line_and_writes_nothing"
+    ),
     "a read-only, dangling or file `checkpoints/`": (
         "test_guard.py::test_a_checkpoint_folder_that_cannot_be_written_is_one_line_before_training"
     ),
@@ -284,7 +290,7 @@ def test_a_row_whose_quote_or_test_drifted_is_caught():
 def test_the_python_api_snippet_runs_on_a_saved_model(tmp_path, monkeypatch, tiny_raw):
     from pipeline.model import ModelConfig, build_model, save_artifact
 
-    (snippet,) = [b for b in blocks("docs/python-api.md") if b.lang == "python"]
+    (snippet,) = [b for b in blocks("docs/python-api.md") if b.lang == "python" and "load_artifact" in b.code]
     model = build_model(ModelConfig())
     save_artifact(model, ModelConfig(), tmp_path / "models")
     monkeypatch.chdir(tmp_path)
@@ -293,3 +299,21 @@ def test_the_python_api_snippet_runs_on_a_saved_model(tmp_path, monkeypatch, tin
     images = load_split(tiny_raw, "test").images[:8]
     expected = model.eval()(images.unsqueeze(1).float() / 255).softmax(dim=1)
     assert torch.equal(scope["probabilities"], expected)
+
+
+def test_the_onnx_snippet_runs_on_an_exported_model(tmp_path, monkeypatch, tiny_raw, write_params, capsys):
+    from pipeline import export
+    from pipeline.dataset import CLASSES
+    from pipeline.model import ModelConfig, build_model, save_artifact
+
+    (snippet,) = [b for b in blocks("docs/python-api.md") if b.lang == "python" and "onnxruntime" in b.code]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    save_artifact(model, ModelConfig(), tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    assert export.main(["--params", str(write_params()), "--data", str(tiny_raw)]) == 0
+    capsys.readouterr()
+    exec(snippet.code, {})
+    with torch.no_grad():
+        expected = model.eval()(load_split(tiny_raw, "test").images[:3].unsqueeze(1).float() / 255).argmax(dim=1)
+    assert capsys.readouterr().out == f"18 {[CLASSES[int(i)] for i in expected]}\n"

@@ -168,11 +168,11 @@ def test_a_fresh_clone_and_dvc_pull_from_a_remote_is_up_to_date_and_serves_each_
         assert (got / name).read_bytes() == (repo / "models" / name).read_bytes()  # the tagged commit's model
 
 
-OUTPUTS = ("models", "dvclive/train", "eval", "metrics")  # every output of train and evaluate
+OUTPUTS = ("models", "dvclive/train", "eval", "metrics", "onnx")  # every output of train, evaluate and export
 
 
 def outputs(repo: Path) -> dict[str, bytes]:
-    """Every file of the train and evaluate outputs, by path (DVC's .gitignore files left out)."""
+    """Every file of the train, evaluate and export outputs, by path (DVC's .gitignore files left out)."""
     files = [p for folder in OUTPUTS for p in sorted((repo / folder).rglob("*")) if p.is_file()]
     return {str(p.relative_to(repo)): p.read_bytes() for p in files if p.name != ".gitignore"}
 

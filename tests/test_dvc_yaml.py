@@ -20,7 +20,7 @@ from tests.conftest import DEBIAN, REPO, TINY, full_params
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-@pytest.mark.parametrize("stage", ["download", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["download", "train", "evaluate", "export"])
 def test_stage_code_deps_are_exactly_the_modules_its_command_runs_and_they_import(stage):
     code_deps = {d for d in STAGES[stage]["deps"] if d.endswith(".py")}
     modules = re.findall(r"-m (pipeline\.\w+)", STAGES[stage]["cmd"])  # train's: the launcher and the stage
@@ -59,18 +59,21 @@ def only_declared(params: Params, declared: set[str]) -> Params:
 
 
 def run_stage(stage: str, tmp_path: Path, raw: Path) -> int:
-    """Run ``stage``'s main on tiny inputs; train and evaluate read the tiny data set, download copies the real one."""
-    from pipeline import download, evaluate, train
+    """Run ``stage``'s main on tiny inputs; train, evaluate and export read the tiny data set, download copies the real
+    one."""
+    from pipeline import download, evaluate, export, train
 
     if stage == "download":
         return download.main(["--out", str(tmp_path / "raw")])
     if stage == "train":
         return train.main(["--data", str(raw), *train.command(Path(), train.Paths.under(tmp_path, raw))[5:]])
     save_artifact(build_model(ModelConfig()), ModelConfig(), tmp_path / "models")
+    if stage == "export":
+        return export.main(export.command(Path(), raw, tmp_path / "models", tmp_path / "onnx", tmp_path / "o.json")[5:])
     return evaluate.main(evaluate.command(Path(), raw, tmp_path / "models", tmp_path / "t.json", tmp_path / "e")[5:])
 
 
-@pytest.mark.parametrize("stage", ["download", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["download", "train", "evaluate", "export"])
 def test_each_stage_reads_no_params_beyond_those_dvc_yaml_lists_for_it(stage, tmp_path, tiny_raw, monkeypatch):
     if stage == "download" and not DEBIAN.is_dir():
         pytest.fail("this test downloads from the offline source: apt-get install dataset-fashion-mnist")
@@ -95,6 +98,7 @@ def test_stages_chain_through_their_outputs():
     assert "data/raw" in STAGES["download"]["outs"]
     assert "data/raw" in STAGES["train"]["deps"] and "models" in STAGES["train"]["outs"]
     assert {"data/raw", "models"} <= set(STAGES["evaluate"]["deps"])
+    assert {"data/raw", "models"} <= set(STAGES["export"]["deps"]) and "onnx" in STAGES["export"]["outs"]
 
 
 def test_train_runs_as_a_module_under_the_pipelines_launcher_with_the_stages_own_command_line():
@@ -112,9 +116,16 @@ def test_evaluate_runs_the_stages_own_command_line():
     assert STAGES["evaluate"]["cmd"].split() == ["python", *evaluate_command(*paths)[1:]]
 
 
+def test_export_runs_the_stages_own_command_line():
+    from pipeline.export import command as export_command
+
+    paths = [Path(p) for p in ("params.yaml", "data/raw", "models", "onnx", "metrics/onnx.json")]
+    assert STAGES["export"]["cmd"].split() == ["python", *export_command(*paths)[1:]]
+
+
 def test_metrics_files_are_declared():
     declared = [m if isinstance(m, str) else next(iter(m)) for s in STAGES.values() for m in s.get("metrics", [])]
-    assert declared == ["dvclive/train/metrics.json", "metrics/test.json"]
+    assert declared == ["dvclive/train/metrics.json", "metrics/test.json", "metrics/onnx.json"]
 
 
 def test_dvc_config_disables_analytics():

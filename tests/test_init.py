@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from pipeline.dataset import to_input
 from pipeline.model import ModelConfig, build_model
-from pipeline.recipe.augment import to_input
 from pipeline.recipe.init import dirac_init, first_conv, patch_whitening, whiten_init
 
 

@@ -80,7 +80,7 @@ def test_integer_is_accepted_for_a_float_key():
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
-        ({"trian": {}}, r"unknown key trian; allowed keys: data, download, evaluate, model, train"),
+        ({"trian": {}}, r"unknown key trian; allowed keys: data, download, evaluate, export, model, train"),
         ({"train": {"learning_rate": 0.1}}, r"unknown key train\.learning_rate; allowed keys in train: .*lr"),
         ({"train": {"epochs": "ten"}}, r"train\.epochs must be an integer, got 'ten'"),
         ({"train": {"epochs": 2.5}}, r"train\.epochs must be an integer"),
@@ -92,7 +92,7 @@ def test_integer_is_accepted_for_a_float_key():
         ({"train": {"batch_size": 0}}, r"train\.batch_size must be >= 1, got 0"),
         ({"train": {"lr": 0}}, r"train\.lr must be > 0, got 0"),
         ({"train": {"lr": -0.1}}, r"train\.lr must be > 0"),
-        ({"train": {"schedule": "cosine"}}, r"train\.schedule 'cosine' is unknown; allowed: onecycle, constant"),
+        ({"train": {"schedule": "cosine"}}, r"train\.schedule 'cosine' is unknown; allowed: onecycle, triangular, constant"),
         ({"model": {"name": "resnet"}}, r"model\.name 'resnet' is unknown; allowed: tutorial_cnn, bn_cnn, resnet9"),
         ({"train": {"translate": 9}}, r"train\.translate must be 0 \(off\) to 8 pixels, got 9"),
         ({"train": {"cutout": -1}}, r"train\.cutout must be 0 \(off\) to 28 pixels, got -1"),
@@ -109,6 +109,8 @@ def test_integer_is_accepted_for_a_float_key():
         ({"train": {"seed": -1}}, r"train\.seed must be 0 to 4294967295, got -1"),
         ({"train": {"seed": 2**70}}, r"train\.seed must be 0 to 4294967295, got 1180591620717411303424"),
         ({"data": {"split_seed": 2**32}}, r"data\.split_seed must be 0 to 4294967295"),
+        ({"export": {"max_logit_diff": 0}}, r"export\.max_logit_diff must be in \(0, 1\], got 0"),
+        ({"export": {"max_logit_diff": "1e-4"}}, r"export\.max_logit_diff must be a number, got '1e-4'"),
         (["train"], r"a params file must be a mapping of keys to values, got \['train'\]"),
     ],
     ids=[
@@ -141,6 +143,8 @@ def test_integer_is_accepted_for_a_float_key():
         "negative-seed",
         "seed-too-large",
         "split-seed-too-large",
+        "logit-bound-zero",
+        "logit-bound-string",
         "top-level-list",
     ],
 )

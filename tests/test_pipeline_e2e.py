@@ -29,7 +29,7 @@ def repo(reproduced) -> Path:
 
 def test_repro_runs_all_stages_and_writes_declared_metrics(reproduced):
     repo, out = reproduced.repo, reproduced.log
-    for stage in ("download", "train", "evaluate"):
+    for stage in ("download", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out
     assert "had defaults used instead" not in out  # accelerate's warning, without an accelerate config
     test = json.loads((repo / "metrics" / "test.json").read_text())["test"]
@@ -48,6 +48,9 @@ def test_repro_runs_all_stages_and_writes_declared_metrics(reproduced):
     assert "test.accuracy" in shown and "accuracy.val" in shown and "test.per_class" not in shown
     per_class = (repo / "eval" / "per_class.csv").read_text()
     assert all(f"{name}," in per_class for name in CLASSES)
+    parity = json.loads((repo / "onnx" / "model.json").read_text())["parity"]
+    assert parity["images"] == parity["same_class"] == E2E["data"]["subset"]
+    assert json.loads((repo / "metrics" / "onnx.json").read_text())["onnx"]["diff"] <= 1e-4 and "onnx.diff" in shown
 
 
 def test_second_repro_does_nothing(repo):
@@ -106,12 +109,12 @@ def test_plots_page_renders_in_headless_chromium_with_networking_off(repo, tmp_p
         shutil.copy(shot, os.environ["PLOTS_SCREENSHOT"])
 
 
-def test_changing_a_train_param_reruns_train_and_evaluate_only(reproduced, tmp_path):
+def test_changing_a_train_param_reruns_train_evaluate_and_export_only(reproduced, tmp_path):
     repo = copy_repo(reproduced.repo, tmp_path / "repo")
     set_params(repo, {"train": {"lr": 0.004}})
     out = sh(repo, "dvc", "repro").stdout
     assert "Stage 'download' didn't change, skipping" in out
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'export'" in out
 
 
 def test_exp_run_with_a_new_lr_shows_in_metrics_and_params_diff_without_timings(experiments):

@@ -11,10 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import predict
-from pipeline.dataset import CLASSES, load_split
+from pipeline import export, predict
+from pipeline.dataset import CLASSES, load_split, to_input
 from pipeline.model import CONFIG_FILE, ModelConfig, build_model, save_artifact
-from pipeline.recipe.augment import to_input
 from tests.conftest import REPO
 
 
@@ -352,3 +351,81 @@ def test_photo_and_invert_together_are_refused(artifact, capsys):
     with pytest.raises(SystemExit) as failed:
         predict.main(["x.png", "--photo", "--invert", "--model-dir", str(artifact)])
     assert failed.value.code == 2 and "--photo negates a light background itself" in capsys.readouterr().err
+
+
+@pytest.fixture
+def exported(tmp_path, tiny_raw, artifact, write_params) -> Path:
+    """The export stage's ONNX file of ``artifact``'s model (its spec beside it)."""
+    out = tmp_path / "onnx"
+    assert export.main(export.command(write_params(), tiny_raw, artifact[0], out, tmp_path / "onnx.json")[3:]) == 0
+    return out / "model.onnx"
+
+
+def no_torch_model(cfg: ModelConfig) -> torch.nn.Module:
+    raise AssertionError("build_model was called")
+
+
+def as_photos(tmp_path: Path, raw: Path) -> list[str]:
+    """Test images as a user would photograph them: dark on light, ten times the size."""
+    test = load_split(raw, "test")
+    paths = [tmp_path / f"photo{i}.png" for i in range(4)]
+    for i, path in enumerate(paths):
+        Image.fromarray((255 - test.images[i]).numpy()).resize((280, 280)).save(path)
+    return [*map(str, paths), "--photo"]
+
+
+@pytest.mark.parametrize("given", ["idx", "photos"])
+def test_onnx_gives_the_torch_paths_predictions_and_builds_no_torch_model(
+    tmp_path, tiny_raw, artifact, exported, monkeypatch, given
+):
+    args = ["--data", str(tiny_raw), "--idx", *map(str, range(0, 137, 9))] if given == "idx" else as_photos(
+        tmp_path, tiny_raw
+    )  # fmt: skip
+    predict.main([*args, "--model-dir", str(artifact[0]), "--top-k", "10", "--out", str(tmp_path / "torch.json")])
+    monkeypatch.setattr("pipeline.model.build_model", no_torch_model)
+    with pytest.raises(AssertionError, match="build_model was called"):  # the patch does stop the torch path
+        predict.main([*args, "--model-dir", str(artifact[0])])
+    predict.main([*args, "--onnx", str(exported), "--top-k", "10", "--out", str(tmp_path / "onnx.json")])
+    by_torch, by_onnx = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("torch", "onnx"))
+    assert [row["input"] for row in by_onnx] == [row["input"] for row in by_torch] and len(by_onnx) >= 4
+    for t, o in zip(by_torch, by_onnx, strict=True):
+        assert o["top"][0]["class"] == t["top"][0]["class"]
+        probabilities = {x["class"]: x["probability"] for x in t["top"]}
+        assert {x["class"]: x["probability"] for x in o["top"]} == pytest.approx(probabilities, abs=2e-6)
+
+
+def test_onnx_prints_as_the_torch_path_does(tiny_raw, exported, capsys):
+    assert predict.main(["--data", str(tiny_raw), "--idx", "0", "5", "--onnx", str(exported)]) == 0
+    rows = parse(capsys.readouterr().out)
+    assert [name for name, _ in rows] == ["test[0] (true: T-shirt/top)", "test[5] (true: Sandal)"]
+    assert all(len(ranked) == 3 and all(c in CLASSES for c, _ in ranked) for _, ranked in rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [(["--onnx", "shirt.png"], "--onnx shirt.png: give an .onnx file, or put --onnx after the images"),
+     (["shirt.png", "--onnx", "m.onnx", "--model-dir", "models"], "--onnx runs the ONNX file and reads no model")],
+    ids=["image-taken-as-path", "model-dir-too"],
+)  # fmt: skip
+def test_onnx_usage_errors_are_one_line(capsys, args, said):
+    with pytest.raises(SystemExit) as stop:
+        predict.main(args)
+    assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "no-onnxruntime"])
+def test_an_onnx_model_that_cannot_run_is_one_line_and_writes_nothing(
+    tmp_path, tiny_raw, exported, capsys, monkeypatch, fault
+):
+    if fault == "corrupt":
+        exported.write_bytes(exported.read_bytes()[: len(exported.read_bytes()) // 2])
+        said = f"error: onnxruntime cannot load {exported} ("
+    else:
+        monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+        said = "error: onnxruntime is not installed; pip install onnxruntime (or pip install -e .)"
+    out = tmp_path / "p.csv"
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--data", str(tiny_raw), "--idx", "0", "--onnx", str(exported), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
+    assert not out.exists()

@@ -14,11 +14,6 @@ from pipeline.params import TestTimeAugmentation, TrainParams
 from pipeline.recipe.sampling import Batch
 
 
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1]; normalisation lives in the model."""
-    return images.unsqueeze(1).float().div_(255.0)
-
-
 def batch_cutout(images: torch.Tensor, centers: torch.Tensor, size: int) -> torch.Tensor:
     """Zero a ``size`` x ``size`` square around each image's centre (B, H, W); squares may leave the image."""
     if size == 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.recipe.augment import to_input
+from pipeline.dataset import to_input
 
 WHITEN_SAMPLES = 5000  # images whose patches estimate the covariance
 WHITEN_EPS = 5e-4  # added to the eigenvalues: the flattest directions are not blown up

@@ -13,9 +13,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from pipeline.dataset import Split
+from pipeline.dataset import Split, to_input
 from pipeline.params import TrainParams
-from pipeline.recipe.augment import augment, to_input
+from pipeline.recipe.augment import augment
 from pipeline.recipe.optim import Learner
 from pipeline.recipe.sampling import Batch
 
