@@ -92,7 +92,10 @@ def test_integer_is_accepted_for_a_float_key():
         ({"train": {"batch_size": 0}}, r"train\.batch_size must be >= 1, got 0"),
         ({"train": {"lr": 0}}, r"train\.lr must be > 0, got 0"),
         ({"train": {"lr": -0.1}}, r"train\.lr must be > 0"),
-        ({"train": {"schedule": "cosine"}}, r"train\.schedule 'cosine' is unknown; allowed: onecycle, triangular, constant"),
+        (
+            {"train": {"schedule": "cosine"}},
+            r"train\.schedule 'cosine' is unknown; allowed: onecycle, triangular, constant",
+        ),
         ({"model": {"name": "resnet"}}, r"model\.name 'resnet' is unknown; allowed: tutorial_cnn, bn_cnn, resnet9"),
         ({"train": {"translate": 9}}, r"train\.translate must be 0 \(off\) to 8 pixels, got 9"),
         ({"train": {"cutout": -1}}, r"train\.cutout must be 0 \(off\) to 28 pixels, got -1"),
