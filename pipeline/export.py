@@ -95,8 +95,23 @@ def export_onnx(model: nn.Module, cfg: ModelConfig) -> Exported:
         ) from None
     assert program is not None, "torch.onnx.export(dynamo=True) returns its ONNXProgram"
     proto = program.model_proto
+    without_source_paths(proto)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return Exported(proto.SerializeToString(), opset)
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # per node: the Python source lines, with the checkout's absolute path
+
+
+def without_source_paths(proto: Any) -> None:
+    """Drop each node's stack trace, so that the file's bytes do not depend on where the repository is checked
+    out (an export in another clone would otherwise be another file)."""
+    graphs = [proto.graph, *(function for function in proto.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
 
 
 def logits_on(logits: Logits, images: torch.Tensor) -> torch.Tensor:

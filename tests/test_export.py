@@ -184,3 +184,10 @@ def test_an_exporter_this_environment_lacks_is_one_line(monkeypatch, fault, said
         monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: (_ for _ in ()).throw(missing))
     with pytest.raises(PipelineError, match=re.escape(said)):
         export.export_onnx(build_model(ModelConfig()), ModelConfig())
+
+
+def test_the_exported_bytes_do_not_depend_on_where_the_repository_is_checked_out():
+    from pipeline.model import ModelConfig, build_model
+
+    exported = export.export_onnx(build_model(ModelConfig()), ModelConfig())
+    assert export.STACK_TRACE.encode() not in exported.onnx and b'File "' not in exported.onnx
