@@ -24,6 +24,7 @@ from pipeline.checkpoint import list_checkpoints, read_checkpoint
 from pipeline.dataset import load_split, to_input
 from pipeline.model import ModelConfig, build_model
 from pipeline.params import ModelName, Params, TrainParams, load_params, read_yaml, save_params, with_changes
+from pipeline.recipe.optim import ONECYCLE_MIN_STEPS
 from pipeline.recipe.sampling import rank_batches
 from pipeline.recipe.step import step_inputs
 from pipeline.runs import list_runs
@@ -79,6 +80,8 @@ def run_option(
         "train": {"epochs": 2, "seed": seed, **train_changes},
     } | ({"model": {"name": model}} if model else {})
     params = with_changes(recipe_params("default"), changes)  # fmt: skip
+    if 2 * (samples // params.train.batch_size) < ONECYCLE_MIN_STEPS:  # a smoke run too short for one-cycle:
+        params = with_changes(params, {"train": {"schedule": "constant"}})  # the schedule costs nothing to time
     with tempfile.TemporaryDirectory() as tmp:
         rows = read_checkpoint(train_stage(params, data, Path(tmp), processes)[-1]).state.history
         info = json.loads((Path(tmp) / "models" / "model.json").read_text())
