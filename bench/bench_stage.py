@@ -70,16 +70,13 @@ def gpu_peak(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run_option(
-    data: Path, samples: int, train_changes: dict[str, Any], seed: int, model: str = "", processes: int = 1
+    data: Path, samples: int, option: dict[str, dict[str, Any]], seed: int, processes: int = 1
 ) -> dict[str, Any]:
-    """Two epochs of ``samples`` training images under one speed option (and ``model``, on ``processes``
-    processes); the second epoch is timed."""
+    """Two epochs of ``samples`` training images under one speed option (``{section: {key: value}}`` laid over
+    params.yaml), on ``processes`` processes; the second epoch is timed."""
     val = 500
-    changes = {
-        "data": {"subset": samples + val, "val_size": val},
-        "train": {"epochs": 2, "seed": seed, **train_changes},
-    } | ({"model": {"name": model}} if model else {})
-    params = with_changes(recipe_params("default"), changes)  # fmt: skip
+    changes = {"data": {"subset": samples + val, "val_size": val}, "train": {"epochs": 2, "seed": seed}}
+    params = with_changes(with_changes(recipe_params("default"), option), changes)
     if 2 * (samples // params.train.batch_size) < ONECYCLE_MIN_STEPS:  # a smoke run too short for one-cycle:
         params = with_changes(params, {"train": {"schedule": "constant"}})  # the schedule costs nothing to time
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,15 +114,17 @@ def run_scaling(data: Path, samples: int, variant: str, seed: int) -> dict[str, 
     if variant.endswith("proc"):
         return run_option(data, samples, {}, seed, processes=int(variant.removesuffix("proc")))
     model, batch = variant.split("/b")
-    return run_option(data, samples, at_batch(recipe_params("default").train, int(batch)), seed, model=model)
+    option = {"model": {"name": model}, "train": at_batch(recipe_params("default").train, int(batch))}
+    return run_option(data, samples, option, seed)
 
 
 def run_recipe(
-    data: Path, recipe: str, seed: int, quick: bool, batch: int = 0, changes: dict | None = None
+    data: Path, recipe: str, seed: int, quick: bool, batch: int = 0, changes: dict | None = None, score_last: int = 0
 ) -> dict[str, Any]:
     """A whole recipe on the train stage (at global ``batch``, if given, with :func:`at_batch`'s learning rate;
     with ``changes`` ({section: {key: value}}) laid over it); the test accuracy of every epoch's checkpoint
-    afterwards (not timed)."""
+    afterwards (not timed), or of the last ``score_last`` epochs' only (0: all), since scoring a long run with
+    test-time augmentation takes longer than training it."""
     params = with_changes(recipe_params(recipe), changes or {})
     params = with_changes(params, {"train": at_batch(params.train, batch)}) if batch else params
     smoke = {"data": {"subset": QUICK["train"] + QUICK["val"], "val_size": QUICK["val"]},
@@ -145,14 +144,18 @@ def run_recipe(
         rows = read_checkpoint(found[-1]).state.history
         model = build_model(ModelConfig(name=params.model.name)).to(device)
         curve, train_s = [], 0.0
-        for path, row in zip(found, rows, strict=True):
+        for epoch, (path, row) in enumerate(zip(found, rows, strict=True), start=1):
             train_s += steps / row["samples_per_s"]
+            if score_last and epoch <= epochs - score_last:
+                continue
             model.load_state_dict(read_checkpoint(path).scored())
-            curve.append({"train_s": round(train_s, 2), "test_accuracy": accuracy_on(model, test_x, test_y, tta)})
+            accuracy = accuracy_on(model, test_x, test_y, tta)
+            curve.append({"epoch": epoch, "train_s": round(train_s, 2), "test_accuracy": accuracy})
     return {
         "recipe": {"model": params.model.name, **dict(sorted(vars(params.train).items())), "tta": tta},
         "samples_per_s": round(epochs * steps / train_s, 1),
         "train_s": round(train_s, 2),
+        "epochs": epochs,
         "process_wall_s": round(wall, 1),
         "curve": curve,
         **gpu_peak(rows),

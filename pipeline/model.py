@@ -147,6 +147,30 @@ class ResNet9(ImageClassifier):
         self.classifier = nn.Linear(8 * w, cfg.num_classes)
 
 
+class QuickCNN(ImageClassifier):
+    """The fastest way here to 91 %: three units of a padded 3x3 convolution, a 2x2 max pool, BatchNorm and
+    ReLU (pooling before the normalisation, as airbench does, so each costs a quarter), of ``width``,
+    ``2 * width`` and ``4 * width`` channels (28 -> 14 -> 7 -> 3), then one linear layer. About 1.5x the
+    tutorial CNN's compute per image, with half its parameters.
+    """
+
+    width = 24
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.mean, self.std = cfg.mean, cfg.std
+        w = self.width
+        self.features = nn.Sequential(*conv_pool_bn(cfg.in_channels, w), *conv_pool_bn(w, 2 * w),
+                                      *conv_pool_bn(2 * w, 4 * w))  # fmt: skip
+        self.flat_features = flat_size(self.features, cfg.in_channels, cfg.image_size)
+        self.classifier = nn.Linear(self.flat_features, cfg.num_classes)
+
+
+def conv_pool_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    """A padded 3x3 convolution, a 2x2 max pool, BatchNorm and ReLU."""
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
 def flat_size(features: nn.Module, in_channels: int, image_size: int) -> int:
     """Number of features ``features`` produces for one image, found by a forward pass on zeros."""
     was_training = features.training
@@ -161,6 +185,7 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "tutorial_cnn": TutorialCNN,
     "bn_cnn": BnCNN,
     "resnet9": ResNet9,
+    "quick_cnn": QuickCNN,
 }
 assert tuple(MODELS) == typing.get_args(ModelName), "model.name's choices (params.ModelName) are the models built here"
 

@@ -126,3 +126,28 @@ def test_the_paired_ratio_is_the_seed_loops_samples_over_the_recipes_times_the_r
     machine = {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2", "throughput_samples_per_epoch": 100}
     table = markdown({**summarise(results, [0.90], {"fast": "bf16"}), "machine": machine})
     assert "| fast/seed0 | 0.9100 | 10.0 | 10000 | 5.0 s (40.0×, paired 16.0×) |" in table and "\npaired: " in table
+
+
+def test_a_curve_scoring_only_its_last_epochs_counts_samples_by_epoch_and_marks_an_early_pass_as_an_upper_bound():
+    # 10 epochs of 1,000 samples at 100/s; only epochs 9 and 10 were scored
+    curve = [
+        {"epoch": 9, "train_s": 90.0, "test_accuracy": 0.93},
+        {"epoch": 10, "train_s": 100.0, "test_accuracy": 0.95},
+    ]
+    late = {"samples_per_s": 100.0, "train_s": 100.0, "epochs": 10, "peak_rss_mb": 1.0, "curve": curve}
+    seed_curve = [{"train_s": 100.0, "test_accuracy": 0.80}, {"train_s": 200.0, "test_accuracy": 0.93}]
+    seed = {"samples_per_s": 100.0, "train_s": 200.0, "peak_rss_mb": 1.0, "curve": seed_curve}
+    rounds = {
+        "seed": [{"samples_per_s": 100.0, "peak_rss_mb": 1.0}],
+        "x": [{"samples_per_s": 100.0, "peak_rss_mb": 1.0}],
+    }
+    results = {"throughput": merge_rounds(rounds), "accuracy": {"seed": seed, "late": late}, "datapath": {}}
+    rows = summarise(results, [0.93, 0.95], {"late": "x"})["accuracy"]
+    # 0.93 may have been passed before epoch 9: 90 s is an upper bound; the paired ratio counts 9 epochs' samples
+    assert rows["late"]["to_target"]["0.930"] == {"train_s": 90.0, "ratio_vs_seed": 2.2, "ratio_is_lower_bound": False,
+                                                  "ratio_at_paired_rate": 2.2, "at_most": True}  # fmt: skip
+    assert "at_most" not in rows["late"]["to_target"]["0.950"]  # epoch 9 was scored below it: epoch 10 is the first
+    table = markdown({**summarise(results, [0.93], {"late": "x"}),
+                      "machine": {"device": "cpu", "processor": "x", "cpus": 2, "torch": "2",
+                                  "throughput_samples_per_epoch": 1}})  # fmt: skip
+    assert "| ≤ 90.0 s (2.2×" in table

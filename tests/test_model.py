@@ -14,6 +14,7 @@ from pipeline.model import (
     WEIGHTS_FILE,
     BnCNN,
     ModelConfig,
+    QuickCNN,
     Residual,
     ResNet9,
     TutorialCNN,
@@ -50,6 +51,16 @@ def test_bn_cnn_maps_a_batch_to_ten_logits_and_round_trips(tmp_path):
     assert float(loaded.features[1].running_mean.abs().sum()) > 0
     loaded.eval()
     assert torch.equal(loaded(x), model(x))  # running statistics travel with the weights
+
+
+def test_quick_cnn_pools_before_normalising_and_maps_a_batch_to_ten_logits():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="quick_cnn"))
+    kinds = [type(m).__name__ for m in model.features]
+    assert isinstance(model, QuickCNN) and kinds == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] * 3
+    assert model.flat_features == 4 * QuickCNN.width * 3 * 3  # 28 -> 14 -> 7 -> 3
+    assert sum(p.numel() for p in model.parameters()) == 61_042  # the count docs/recipes.md gives
+    assert model(torch.rand(4, 1, 28, 28)).shape == (4, 10)
 
 
 def test_resnet9_maps_a_batch_to_ten_logits_and_round_trips(tmp_path):

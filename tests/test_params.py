@@ -58,8 +58,9 @@ def test_a_recipe_passed_as_params_is_refused_with_the_exp_run_line_to_use():
     message = str(info.value)
     assert "recipes/fast.yaml lacks data.subset, data.val_size, data.split_seed, download.sources and" in message
     assert message.endswith(
-        "lay them over params.yaml: dvc exp run -n fast -S train.epochs=5 -S train.lr=0.005 "
-        "-S train.label_smoothing=0.2 -S train.mixed_precision=bf16 -S evaluate.tta=flip"
+        "lay them over params.yaml: dvc exp run -n fast -S model.name=quick_cnn -S train.epochs=2 -S train.lr=0.01 "
+        "-S train.label_smoothing=0.2 -S train.mixed_precision=bf16 -S train.schedule=triangular "
+        "-S train.bn_bias_lr_scale=8.0 -S train.whiten_init=true -S evaluate.tta=flip"
     )
     assert "\n" not in message
 
@@ -96,7 +97,10 @@ def test_integer_is_accepted_for_a_float_key():
             {"train": {"schedule": "cosine"}},
             r"train\.schedule 'cosine' is unknown; allowed: onecycle, triangular, constant",
         ),
-        ({"model": {"name": "resnet"}}, r"model\.name 'resnet' is unknown; allowed: tutorial_cnn, bn_cnn, resnet9"),
+        (
+            {"model": {"name": "resnet"}},
+            (r"model\.name 'resnet' is unknown; allowed: tutorial_cnn, bn_cnn, resnet9, quick_cnn"),
+        ),
         ({"train": {"translate": 9}}, r"train\.translate must be 0 \(off\) to 8 pixels, got 9"),
         ({"train": {"cutout": -1}}, r"train\.cutout must be 0 \(off\) to 28 pixels, got -1"),
         ({"train": {"label_smoothing": 1.0}}, r"train\.label_smoothing must be in \[0, 1\), got 1\.0"),

@@ -26,8 +26,8 @@ def set_params(line: str) -> dict[str, object]:
     return {k: yaml.safe_load(v) for k, v in (words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "-S")}
 
 
-def test_there_are_fast_and_beyond_recipes():
-    assert {p.stem for p in RECIPES} >= {"fast", "beyond"}
+def test_there_are_fast_two_minute_and_beyond_recipes():
+    assert {p.stem for p in RECIPES} >= {"fast", "two-minute", "beyond"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
