@@ -1,9 +1,9 @@
 """One technique at a time on a base recipe: ``python -m bench.ablation [--recipe beyond] [--epochs 4] [--quick]``.
 
-Each row trains the base recipe (``--recipe``, cut to ``--epochs``) on the real train stage at seed 0, with one
-speed technique added (:data:`TECHNIQUES`; ``base`` adds none), one after the other on this host; then scores
-every epoch's checkpoint on the test set (not timed). A technique pays when its row beats ``base``. Results go to
-``--out`` (JSON) and stdout (a Markdown table).
+Each row trains the base recipe (``--recipe``, cut to ``--epochs``, with every technique of :data:`TECHNIQUES` off)
+on the real train stage at seed 0, with one speed technique added (``base`` adds none), one after the other on this
+host; then scores the last checkpoint on the test set (not timed). A technique pays when its row beats ``base``.
+Results go to ``--out`` (JSON) and stdout (a Markdown table).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.bench_stage import ROOT, run_recipe
+from bench.bench_stage import ROOT, recipe_params, run_recipe
 from pipeline.files import write_json, write_text
 from pipeline.provenance import cpu_model
 
@@ -28,7 +28,16 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
     "lookahead": {"lookahead": 0.8, "lookahead_every": 5},
     "dirac-init": {"dirac_init": True},
     "whiten-init": {"whiten_init": True},
+    "muon": {"optimizer": "muon", "lr": 0.05, "momentum": 0.85, "weight_decay": 5e-4},
 }
+
+
+def techniques_off(recipe: str) -> dict[str, Any]:
+    """The train changes that turn every technique of :data:`TECHNIQUES` off in ``recipe`` (params.yaml's values),
+    so each row adds its one technique to the same base whether or not the recipe uses it."""
+    default = vars(recipe_params("default").train)
+    keys = {key for changes in TECHNIQUES.values() for key in changes}
+    return {key: default[key] for key in sorted(keys)} | {"lr": vars(recipe_params(recipe).train)["lr"]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = {}
     for name in args.only:
-        changes = {"train": {"epochs": args.epochs, **TECHNIQUES[name]}}
-        rows[name] = run_recipe(Path(args.data), args.recipe, seed=0, quick=args.quick, changes=changes)
+        changes = {"train": {**techniques_off(args.recipe), "epochs": args.epochs, **TECHNIQUES[name]}}
+        rows[name] = run_recipe(Path(args.data), args.recipe, seed=0, quick=args.quick, changes=changes, score_last=1)
         print(
             f"{name}: {100 * rows[name]['curve'][-1]['test_accuracy']:.2f} % in {rows[name]['train_s']} s", flush=True
         )

@@ -107,8 +107,8 @@ class TrainParams:
     lr: Annotated[float, Bounds(gt=0)]  # peak learning rate
     weight_decay: Annotated[float, Bounds(ge=0)]  # decoupled weight decay
     schedule: Literal["onecycle", "triangular", "constant"]
-    optimizer: Literal["adamw", "sgd_nesterov"]
-    momentum: Annotated[float, Bounds(ge=0, lt=1, says="in [0, 1)")]  # sgd_nesterov's; adamw ignores it
+    optimizer: Literal["adamw", "sgd_nesterov", "muon"]
+    momentum: Annotated[float, Bounds(ge=0, lt=1, says="in [0, 1)")]  # sgd_nesterov's and muon's; adamw ignores it
     bn_bias_lr_scale: Annotated[float, Bounds(gt=0)]  # learning-rate multiplier of the BatchNorm biases
     hflip: bool  # random horizontal flip of training images
     alternate_flip: bool  # with hflip: each image flipped every other epoch, not at random

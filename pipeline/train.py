@@ -133,6 +133,15 @@ def check_launcher_precision(cfg: TrainParams, env: Mapping[str, str] | None = N
         )
 
 
+def check_optimizer(cfg: TrainParams) -> None:
+    """Refuse kernels the optimizer does not have: Muon has one implementation."""
+    if cfg.optimizer == "muon" and cfg.optimizer_impl != "auto":
+        raise PipelineError(
+            f"train.optimizer muon has one implementation, so train.optimizer_impl {cfg.optimizer_impl} cannot "
+            "apply; set train.optimizer_impl to auto"
+        )
+
+
 @dataclass(frozen=True)
 class Paths:
     """Where the stage reads and writes (the command line's paths)."""
@@ -174,6 +183,7 @@ def run(params: Params, paths: Paths, cpu_threads: int, fresh: bool, keep_state:
     """The whole stage: build, restore (or start), fit, export."""
     cfg = params.train
     check_compiler(cfg)
+    check_optimizer(cfg)
     check_launcher_precision(cfg)
     accelerator = make_accelerator(cpu_threads, log_with=log_with(), **accelerator_options(cfg))
     store, why = checkpoint_store(paths.checkpoint_dir, Path.cwd(), os.environ)

@@ -234,7 +234,7 @@ def test_the_speed_techniques_train_the_same_model_on_two_processes_as_on_one(wo
     # each technique is the same math on every process: alternating flips are drawn per sample, lookahead and the
     # inits act on weights every process holds alike (BatchNorm models are left out: on CPU each process keeps
     # its own batch statistics)
-    techniques = {"train": {"optimizer": "sgd_nesterov", "lr": 0.02, "schedule": "triangular",
+    techniques = {"train": {"optimizer": "muon", "lr": 0.02, "schedule": "triangular",
                             "alternate_flip": True, "lookahead": 0.8, "lookahead_every": 3, "dirac_init": True,
                             "whiten_init": True}}  # fmt: skip
     params = workdir / "techniques.yaml"

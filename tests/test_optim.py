@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pipeline.model import ModelConfig, build_model
-from pipeline.recipe.optim import Lookahead, make_learner, make_optimizer, make_schedule, triangle
+from pipeline.recipe.optim import Lookahead, Muon, make_learner, make_optimizer, make_schedule, orthogonalise, triangle
 from tests.conftest import default_params
 
 
@@ -19,6 +19,37 @@ def test_sgd_nesterov_is_sgd_with_nesterov_momentum_at_the_params_momentum():
     opt = make_optimizer(build_model(ModelConfig(name="bn_cnn")), train_cfg(optimizer="sgd_nesterov", momentum=0.85))
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.85
     assert isinstance(make_optimizer(build_model(ModelConfig()), train_cfg()), torch.optim.AdamW)
+
+
+def test_orthogonalise_pulls_every_singular_value_of_a_wide_or_tall_matrix_towards_one():
+    torch.manual_seed(0)
+    for shape in [(16, 144), (64, 32)]:
+        matrix = torch.randn(shape) * torch.logspace(-2, 2, shape[1])  # singular values over four decades
+        values = torch.linalg.svdvals(orthogonalise(matrix))
+        assert values.min() > 0.5 and values.max() < 1.3, values
+
+
+def test_muon_orthogonalises_the_filters_after_the_first_and_steps_the_rest_as_nesterov_sgd():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="bn_cnn"))
+    opt = make_optimizer(model, train_cfg(optimizer="muon", lr=0.1, momentum=0.5, bn_bias_lr_scale=4.0))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert isinstance(opt, Muon)
+    orthogonal = {id(p) for g in opt.param_groups if g["orthogonal"] for p in g["params"]}
+    assert orthogonal == {id(c.weight) for c in convs[1:]}  # the first convolution sees pixels: plain SGD
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([0.1, 0.1, 0.4])  # BN biases at 4x
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    grads = {id(p): p.grad.clone() for p in model.parameters()}
+    opt.step()
+    conv = convs[1].weight
+    step = (before[id(conv)] - conv.detach()) / 0.1
+    values = torch.linalg.svdvals(step.reshape(len(step), -1))
+    assert values.min() > 0.5 and values.max() < 1.3  # an orthogonalised update, whatever the gradient's scale
+    first = convs[0].weight  # Nesterov with an empty buffer: the step is lr * (1 + momentum) * gradient
+    assert torch.allclose(before[id(first)] - first.detach(), 0.1 * 1.5 * grads[id(first)], atol=1e-6)
+    assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in model.parameters())
 
 
 def test_the_batchnorm_biases_get_their_own_learning_rate_and_no_weight_decay():

@@ -209,12 +209,12 @@ def test_a_killed_worker_restarts_with_its_group_and_resumes_bitwise(setup, refe
 
 @pytest.mark.parametrize(
     "state",
-    [{"ema": 0.9}, {"lookahead": 0.8, "lookahead_every": 3}],
-    ids=["moving-average", "lookahead"],
+    [{"ema": 0.9}, {"lookahead": 0.8, "lookahead_every": 3}, {"optimizer": "muon", "lr": 0.02}],
+    ids=["moving-average", "lookahead", "muon"],
 )
 def test_a_killed_run_with_averaged_weights_resumes_bitwise(setup, tmp_path, state):
-    # the average (train.ema) and lookahead's slow weights are state too: a resume that restarted them would
-    # export other weights
+    # the average (train.ema), lookahead's slow weights and Muon's momentum are state too: a resume that restarted
+    # them would export other weights
     root, raw, _ = setup
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(full_params(OVERRIDES, {"train": state})))

@@ -88,6 +88,7 @@ def test_same_seed_gives_bitwise_identical_weights(tmp_path, tiny_raw, write_par
 
 TECHNIQUES = {
     "optimizer": {"optimizer": "sgd_nesterov", "lr": 0.02},
+    "muon": {"optimizer": "muon", "lr": 0.02},
     "triangular": {"schedule": "triangular"},
     "bn-bias-lr": {"bn_bias_lr_scale": 16.0},
     "alternate-flip": {"alternate_flip": True},
@@ -117,8 +118,17 @@ def test_each_speed_technique_reaches_the_training_it_names(tmp_path, tiny_raw, 
         ({"model": {"name": "lenet"}}, r"model\.name 'lenet' is unknown"),
         ({"train": {"bogus": 1}}, r"unknown key train\.bogus"),
         ({"train": {"epochs": 1, "batch_size": 50}}, r"onecycle needs at least 5 optimizer steps and this run has 4"),
+        ({"train": {"optimizer": "muon", "optimizer_impl": "fused"}}, r"muon has one implementation, so train\.opt"),
     ],
-    ids=["val-size-too-big", "batch-larger-than-data", "epochs-zero", "unknown-model", "unknown-key", "onecycle-short"],
+    ids=[
+        "val-size-too-big",
+        "batch-larger-than-data",
+        "epochs-zero",
+        "unknown-model",
+        "unknown-key",
+        "onecycle-short",
+        "muon-fused",
+    ],  # fmt: skip
 )
 def test_bad_inputs_stop_before_work_with_one_line(
     tmp_path, tiny_raw, write_params, monkeypatch, capsys, overrides, match

@@ -4,6 +4,7 @@ that holds them with the model: everything a training step changes."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -28,9 +29,77 @@ def param_groups(model: nn.Module, cfg: TrainParams) -> list[dict]:
     return [{"params": rest}, {"params": scaled, "lr": cfg.lr * cfg.bn_bias_lr_scale, "weight_decay": 0.0}]
 
 
+# Muon's Newton-Schulz iteration: its steps, and the quintic's coefficients (Keller Jordan's, as torch.optim.Muon's)
+NEWTON_SCHULZ_STEPS = 5
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalise(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
+    """About the nearest semi-orthogonal matrix to ``matrix`` (its singular values pulled to roughly 1, between
+    0.7 and 1.2): Muon's Newton-Schulz iteration, in fp32."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix.float() / (matrix.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum, whose update of each parameter in a group with ``orthogonal`` set is first
+    reshaped to a matrix (out x in * kh * kw), orthogonalised and scaled by sqrt(max(1, rows / cols)): Muon.
+    torch.optim.Muon takes 2-D parameters only, and the convolution filters are what Muon pays for here.
+    Weight decay is decoupled: each step multiplies the weights by 1 - lr * weight_decay."""
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float, weight_decay: float) -> None:
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonal": False})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buffer = state["momentum_buffer"].mul_(momentum).add_(p.grad)
+        update = p.grad.add(buffer, alpha=momentum)  # Nesterov
+        if group["orthogonal"]:
+            matrix = update.reshape(len(update), -1)
+            scale = max(1.0, matrix.shape[0] / matrix.shape[1]) ** 0.5
+            update = (orthogonalise(matrix) * scale).reshape(p.shape).to(p.dtype)
+        p.mul_(1 - lr * group["weight_decay"]).add_(update, alpha=-lr)
+
+
+def muon_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """``groups`` with the filters of every convolution but the first (which sees raw pixels, as Muon's authors
+    leave the first layer to a plain optimizer) moved to groups of their own that Muon orthogonalises."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    filters = {id(m.weight) for m in convs[1:]}
+    out = []
+    for group in groups:
+        plain = [p for p in group["params"] if id(p) not in filters]
+        mine = [p for p in group["params"] if id(p) in filters]
+        out += [{**group, "params": plain}] + ([{**group, "params": mine, "orthogonal": True}] if mine else [])
+    return out
+
+
 def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` (AdamW, or SGD with Nesterov momentum) with the kernels ``cfg.optimizer_impl`` asks for
-    (auto: torch's own choice per device)."""
+    """``cfg.optimizer`` (AdamW, SGD with Nesterov momentum, or :class:`Muon`) with the kernels
+    ``cfg.optimizer_impl`` asks for (auto: torch's own choice per device; Muon has one implementation)."""
+    if cfg.optimizer == "muon":
+        return Muon(muon_groups(model, param_groups(model, cfg)), cfg.lr, cfg.momentum, cfg.weight_decay)
     impl = cfg.optimizer_impl
     foreach = {"for_loop": False, "foreach": True}.get(impl)  # None: torch decides
     fused = True if impl == "fused" else None
