@@ -85,11 +85,18 @@ def _with_paired(entry: Row, runs: list[Row], seed: Row | None, target: float, s
     return entry if ratio is None else {**entry, "ratio_at_paired_rate": ratio}
 
 
+def _bounded(entry: Row, upper: bool) -> Row:
+    """``entry``, marked when its time is only an upper bound (:func:`at_most`): its ratios are then lower bounds."""
+    if not upper:
+        return entry
+    return {**entry, "at_most": True} | ({"ratio_is_lower_bound": True} if "ratio_vs_seed" in entry else {})
+
+
 def with_targets(row: Row, targets: list[float], seed: Row | None, speed: float | None = None) -> Row:
     """``row`` plus its final test accuracy and, per target, the time to it and the ratio to the seed loop
     (and, given the paired throughput ratio ``speed`` of its settings, :func:`paired_ratio`)."""
-    to_target = {f"{t:.3f}": _with_paired(_versus_seed(time_to(row["curve"], t), seed, t), [row], seed, t, speed)
-                 | ({"at_most": True} if at_most(row["curve"], t) else {}) for t in targets}  # fmt: skip
+    to_target = {f"{t:.3f}": _bounded(_with_paired(_versus_seed(time_to(row["curve"], t), seed, t), [row], seed, t,
+                                                   speed), at_most(row["curve"], t)) for t in targets}  # fmt: skip
     return {**row, "final_test_accuracy": row["curve"][-1]["test_accuracy"], "to_target": to_target}
 
 
@@ -102,9 +109,8 @@ def seed_means(accuracy: dict[str, Row], seed: Row | None, speeds: dict[str, flo
         for t in runs[0]["to_target"]:
             times = [r["to_target"][t]["train_s"] for r in runs]
             mean = None if None in times else round(statistics.fmean(times), 2)
-            to_target[t] = _with_paired(_versus_seed(mean, seed, float(t)), runs, seed, float(t), speeds.get(recipe))
-            if any(r["to_target"][t].get("at_most") for r in runs):
-                to_target[t]["at_most"] = True
+            entry = _with_paired(_versus_seed(mean, seed, float(t)), runs, seed, float(t), speeds.get(recipe))
+            to_target[t] = _bounded(entry, any(r["to_target"][t].get("at_most") for r in runs))
         means[f"{recipe} (mean)"] = {
             "seeds": len(runs),
             "final_test_accuracy": round(statistics.fmean(r["final_test_accuracy"] for r in runs), 5),
@@ -143,11 +149,12 @@ def summarise(
     accuracy.update(seed_means(accuracy, seed, speeds))
     datapath = {name: data_share(name, row, accuracy, throughput) for name, row in results["datapath"].items()}
     return {"targets": targets, "throughput": throughput, "accuracy": accuracy, "datapath": datapath,
-            "scaling": scaling_ratios(results.get("scaling", {}))}  # fmt: skip
+            "scaling": scaling_ratios(results.get("scaling", {})), "speed_rows": dict(speed_rows or {})}  # fmt: skip
 
 
 def retarget(report: Row, targets: list[float], speed_rows: dict[str, str] | None = None) -> Row:
-    """A saved report (``--out``'s JSON) summarised again for other ``targets``, from the rows it measured.
+    """A saved report (``--out``'s JSON) summarised again for other ``targets``, from the rows it measured (and
+    with the speed rows it saved, else ``speed_rows``).
 
     Raises ValueError, saying what is missing, for anything that is not such a report."""
     need = ("throughput", "accuracy", "datapath", "machine")
@@ -157,7 +164,7 @@ def retarget(report: Row, targets: list[float], speed_rows: dict[str, str] | Non
     results = {"throughput": report["throughput"], "datapath": report["datapath"], "accuracy": accuracy,
                "scaling": report.get("scaling") or {}}  # fmt: skip
     try:
-        return {**summarise(results, targets, speed_rows), "machine": report["machine"]}
+        return {**summarise(results, targets, report.get("speed_rows") or speed_rows), "machine": report["machine"]}
     except (KeyError, TypeError) as e:
         raise ValueError(f"not a benchmark report: a row lacks {e}") from None
 
@@ -195,7 +202,8 @@ def target_cell(entry: Row) -> str:
         return "not reached"
     ratio = entry.get("ratio_vs_seed")
     mark = ">" if entry.get("ratio_is_lower_bound") else ""
-    paired = f", paired {entry['ratio_at_paired_rate']}×" if "ratio_at_paired_rate" in entry else ""
+    lower = ">" if entry.get("at_most") else ""
+    paired = f", paired {lower}{entry['ratio_at_paired_rate']}×" if "ratio_at_paired_rate" in entry else ""
     bound = "≤ " if entry.get("at_most") else ""
     return f"{bound}{entry['train_s']:.1f} s" + (f" ({mark}{ratio}×{paired})" if ratio else "")
 

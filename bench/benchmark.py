@@ -95,6 +95,14 @@ class Job:
         return cls(**json.loads(text))
 
 
+def non_negative(text: str) -> int:
+    """An argparse type: an integer >= 0 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / "data" / "raw"), help="IDX folder (default: %(default)s)")
@@ -131,9 +139,9 @@ def parse_args() -> argparse.Namespace:
         help="train.seed values: each recipe runs once per seed (rows NAME/seedS plus a mean row); "
         "throughput rows use the first (default: 0)",
     )
-    p.add_argument("--score-last", type=int, default=0, metavar="N", help="score only the last N epochs of each "
-                   "recipe on the test set (default: all; a time to a target the first scored epoch passes is an "
-                   "upper bound)")  # fmt: skip
+    p.add_argument("--score-last", type=non_negative, default=0, metavar="N", help="score only the last N epochs "
+                   "of each recipe on the test set (default: all; a time to a target the first scored epoch passes "
+                   "is an upper bound)")  # fmt: skip
     p.add_argument("--out", default=None, help="write results as JSON here")
     p.add_argument("--report", metavar="JSON", help="measure nothing: print (and with --out write) a saved "
                    "report again, summarised for --targets")  # fmt: skip
@@ -206,7 +214,7 @@ def machine_info(samples: int) -> dict:
 def report_again(path: Path, targets: list[float], out: str | None) -> int:
     """``--report``: a saved report's tables again, with times to ``targets``; nothing is measured."""
     try:
-        report = retarget(json.loads(path.read_text()), targets, SPEED_ROWS)
+        report = retarget(json.loads(path.read_text()), targets, SPEED_ROWS)  # a report's own speed rows win
     except (OSError, ValueError) as e:  # json's errors are ValueErrors
         print(f"error: cannot report {path} again: {e}; pass the JSON a benchmark run wrote with --out",
               file=sys.stderr)  # fmt: skip

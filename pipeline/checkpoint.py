@@ -107,7 +107,7 @@ class Expected:
     """What a resumable checkpoint must fit: the fresh model, optimizer and schedule of this run."""
 
     model: dict[str, torch.Tensor]  # state dict (parameters and buffers)
-    param_shapes: list[torch.Size]  # in the optimizer's order
+    param_shapes: list[torch.Size]  # in the optimizer's order (its groups', as its state dict numbers them)
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     epochs: int
@@ -151,7 +151,7 @@ def expected_of(learner: Learner, epochs: int, steps_per_epoch: int, fingerprint
     """What a checkpoint must fit to resume ``learner`` (fresh, unprepared) in the run ``fingerprint``."""
     return Expected(
         model=learner.model.state_dict(),
-        param_shapes=[p.shape for p in learner.model.parameters()],
+        param_shapes=[p.shape for group in learner.optimizer.param_groups for p in group["params"]],
         optimizer=learner.optimizer.state_dict(),
         scheduler=learner.scheduler.state_dict(),
         epochs=epochs,

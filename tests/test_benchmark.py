@@ -212,3 +212,10 @@ def test_the_ablation_runs_each_technique_through_the_train_stage_and_tables_it(
     assert report["rows"]["base"]["recipe"]["alternate_flip"] is False
     table = out.with_suffix(".md").read_text()
     assert "| alternate-flip |" in table and " pts |" in table
+
+
+def test_a_negative_score_last_is_refused_in_one_line_before_any_measurement():
+    proc = subprocess.run([sys.executable, "-m", "bench.benchmark", "--score-last", "-1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "argument --score-last: invalid non_negative value: '-1'" in proc.stderr
+    assert "Traceback" not in proc.stderr

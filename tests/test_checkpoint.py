@@ -264,3 +264,29 @@ def test_lookahead_state_round_trips_and_must_be_there_exactly_when_the_run_keep
     fresh.lookahead = Lookahead(fresh.model, decay=0.5, every=2)
     assert misfit(ckpt, expected_of(fresh, EPOCHS, STEPS, "abc")) is None
     assert misfit(ckpt, expected()) == "it holds lookahead's slow weights, which this run does not keep"
+
+
+@pytest.mark.parametrize(
+    "changes", [{"bn_bias_lr_scale": 8.0}, {"optimizer": "muon"}], ids=["bn-bias-group", "muon-groups"]
+)
+def test_a_checkpoint_of_an_optimizer_with_regrouped_parameters_fits_its_run(tmp_path, changes):
+    # the optimizer's state dict numbers parameters group by group, not in the model's order: a BatchNorm-bias
+    # group or Muon's filter groups put them out of that order, and the check must follow the optimizer's
+    import dataclasses
+
+    from pipeline.model import ModelConfig, build_model
+    from pipeline.recipe.optim import make_learner
+    from tests.conftest import default_params
+
+    cfg = dataclasses.replace(default_params().train, schedule="triangular", **changes)
+
+    def fresh() -> Learner:
+        torch.manual_seed(0)
+        return make_learner(build_model(ModelConfig(name="bn_cnn")), cfg, total_steps=EPOCHS * STEPS)
+
+    learned = fresh()
+    learned.model(torch.rand(4, 1, 28, 28)).sum().backward()
+    learned.optimizer.step()
+    learned.scheduler.step()
+    ckpt = read_checkpoint(save_checkpoint(tmp_path, capture(learned, state(1), best=None), 5))
+    assert misfit(ckpt, expected_of(fresh(), EPOCHS, STEPS, "abc")) is None

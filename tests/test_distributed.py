@@ -230,16 +230,17 @@ def test_one_process_accumulating_two_micro_batches_trains_what_two_processes_tr
     assert diff <= WEIGHT_TOLERANCE  # the same steps; on CPU (gloo) this run is even bitwise equal
 
 
-def test_the_speed_techniques_train_the_same_model_on_two_processes_as_on_one(workdir, raw):
+@pytest.mark.parametrize("optimizer", ["sgd_nesterov", "muon"])
+def test_the_speed_techniques_train_the_same_model_on_two_processes_as_on_one(workdir, raw, optimizer):
     # each technique is the same math on every process: alternating flips are drawn per sample, lookahead and the
     # inits act on weights every process holds alike (BatchNorm models are left out: on CPU each process keeps
     # its own batch statistics)
-    techniques = {"train": {"optimizer": "muon", "lr": 0.02, "schedule": "triangular",
+    techniques = {"train": {"optimizer": optimizer, "lr": 0.02, "schedule": "triangular",
                             "alternate_flip": True, "lookahead": 0.8, "lookahead_every": 3, "dirac_init": True,
                             "whiten_init": True}}  # fmt: skip
-    params = workdir / "techniques.yaml"
+    params = workdir / f"techniques-{optimizer}.yaml"
     params.write_text(yaml.safe_dump(full_params(PARAMS, techniques)))
-    outs = [workdir / f"techniques-{n}" for n in (1, 2)]
+    outs = [workdir / f"techniques-{optimizer}-{n}" for n in (1, 2)]
     for out, processes in zip(outs, (1, 2), strict=True):
         proc = launch(train_command(out, params, raw, processes), cwd=workdir)
         assert proc.returncode == 0, proc.stderr

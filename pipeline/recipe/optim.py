@@ -35,8 +35,8 @@ NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalise(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
-    """About the nearest semi-orthogonal matrix to ``matrix`` (its singular values pulled to roughly 1, between
-    0.7 and 1.2): Muon's Newton-Schulz iteration, in fp32."""
+    """About the nearest semi-orthogonal matrix to ``matrix``: Muon's Newton-Schulz iteration, in fp32. Singular
+    values above about a hundredth of the largest end between 0.7 and 1.2; far smaller ones stay smaller."""
     a, b, c = NEWTON_SCHULZ
     x = matrix.float() / (matrix.norm() + 1e-7)
     tall = x.shape[0] > x.shape[1]
@@ -134,7 +134,9 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainParams, total_step
     if cfg.schedule == "onecycle":
         peaks = [group["lr"] for group in optimizer.param_groups]
         max_lr = peaks[0] if len(peaks) == 1 else peaks
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=0.25)
+        return torch.optim.lr_scheduler.OneCycleLR(  # AdamW's beta1 cycles; SGD's and Muon's momentum is the param's
+            optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=0.25, cycle_momentum=cfg.optimizer == "adamw"
+        )
     if cfg.schedule == "triangular":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(triangle, total=total_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
