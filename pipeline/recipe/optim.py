@@ -7,6 +7,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import overload
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -56,6 +57,12 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, groups: list[dict], lr: float, momentum: float, weight_decay: float) -> None:
         super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonal": False})
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
@@ -65,16 +72,16 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group)
+                    self._update(p, p.grad, group)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         lr, momentum = group["lr"], group["momentum"]
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
-        buffer = state["momentum_buffer"].mul_(momentum).add_(p.grad)
-        update = p.grad.add(buffer, alpha=momentum)  # Nesterov
+        buffer = state["momentum_buffer"].mul_(momentum).add_(grad)
+        update = grad.add(buffer, alpha=momentum)  # Nesterov
         if group["orthogonal"]:
             matrix = update.reshape(len(update), -1)
             scale = max(1.0, matrix.shape[0] / matrix.shape[1]) ** 0.5
