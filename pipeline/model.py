@@ -132,19 +132,28 @@ class ResNet9(ImageClassifier):
     """
 
     width = 16
+    pool_first = False  # each stage's max pool after its BatchNorm and ReLU (Page's order)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.mean, self.std = cfg.mean, cfg.std
         w = self.width
+        down = conv_pool_bn if self.pool_first else conv_bn_pool
         self.features = nn.Sequential(
             *conv_bn(cfg.in_channels, w),
-            *conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
-            *conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
-            *conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
+            *down(w, 2 * w), Residual(2 * w),
+            *down(2 * w, 4 * w),
+            *down(4 * w, 8 * w), Residual(8 * w),
             nn.AdaptiveMaxPool2d(1),
         )  # fmt: skip
         self.classifier = nn.Linear(8 * w, cfg.num_classes)
+
+
+class QuickResNet9(ResNet9):
+    """:class:`ResNet9` with each stage's max pool moved before its BatchNorm and ReLU (as :class:`QuickCNN`),
+    so those cost a quarter: the same parameters, about 1.2x faster per image on a CPU."""
+
+    pool_first = True
 
 
 class QuickCNN(ImageClassifier):
@@ -164,6 +173,11 @@ class QuickCNN(ImageClassifier):
                                       *conv_pool_bn(2 * w, 4 * w))  # fmt: skip
         self.flat_features = flat_size(self.features, cfg.in_channels, cfg.image_size)
         self.classifier = nn.Linear(self.flat_features, cfg.num_classes)
+
+
+def conv_bn_pool(c_in: int, c_out: int) -> list[nn.Module]:
+    """:func:`conv_bn`, then a 2x2 max pool."""
+    return [*conv_bn(c_in, c_out), nn.MaxPool2d(2)]
 
 
 def conv_pool_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -186,6 +200,7 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "bn_cnn": BnCNN,
     "resnet9": ResNet9,
     "quick_cnn": QuickCNN,
+    "quick_resnet9": QuickResNet9,
 }
 assert tuple(MODELS) == typing.get_args(ModelName), "model.name's choices (params.ModelName) are the models built here"
 

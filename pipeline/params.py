@@ -27,7 +27,7 @@ from pipeline.files import write_text
 
 # the models pipeline/model.py builds: its MODELS registry, which checks that the two agree (written out here, so that
 # the stages that build no model do not depend on the models' code)
-ModelName = Literal["tutorial_cnn", "bn_cnn", "resnet9", "quick_cnn"]
+ModelName = Literal["tutorial_cnn", "bn_cnn", "resnet9", "quick_cnn", "quick_resnet9"]
 Precision = Literal["fp32", "bf16", "fp16"]
 TestTimeAugmentation = Literal["none", "flip", "flip_shift"]
 MIXED_PRECISIONS: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # -> Accelerate's name

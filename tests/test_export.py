@@ -36,7 +36,7 @@ def run_export(tmp_path: Path, raw: Path, model_dir: Path, params: Path) -> int:
     return export.main(export.command(params, raw, model_dir, out, metrics)[3:])
 
 
-@pytest.mark.parametrize("name", ["tutorial_cnn", "bn_cnn", "resnet9", "quick_cnn"])
+@pytest.mark.parametrize("name", ["tutorial_cnn", "bn_cnn", "resnet9", "quick_cnn", "quick_resnet9"])
 def test_every_model_exports_and_matches_torch_on_every_test_image(tmp_path, tiny_raw, write_params, capsys, name):
     model_dir = trained_like(name, tmp_path / "models")
     assert run_export(tmp_path, tiny_raw, model_dir, write_params()) == 0

@@ -15,6 +15,7 @@ from pipeline.model import (
     BnCNN,
     ModelConfig,
     QuickCNN,
+    QuickResNet9,
     Residual,
     ResNet9,
     TutorialCNN,
@@ -77,6 +78,20 @@ def test_resnet9_maps_a_batch_to_ten_logits_and_round_trips(tmp_path):
     x = torch.rand(3, 1, 28, 28)
     assert loaded_cfg == cfg and loaded(x).shape == (3, 10)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_quick_resnet9_is_resnet9_with_each_pool_before_its_batchnorm():
+    def units(model):  # the layer kinds, a residual block as one
+        return [type(m).__name__ for m in model.features]
+
+    torch.manual_seed(0)
+    page, quick = build_model(ModelConfig(name="resnet9")), build_model(ModelConfig(name="quick_resnet9"))
+    assert isinstance(quick, QuickResNet9)
+    stem = ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert units(page)[:7] == [*stem, *stem, "MaxPool2d"]  # resnet9's layout, so its artifacts still load
+    assert units(quick)[:7] == [*stem, "Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
+    assert [p.shape for p in quick.parameters()] == [p.shape for p in page.parameters()]
+    assert quick(torch.rand(4, 1, 28, 28)).shape == (4, 10)
 
 
 def test_a_residual_block_adds_its_input_to_its_branch():

@@ -99,7 +99,7 @@ def test_integer_is_accepted_for_a_float_key():
         ),
         (
             {"model": {"name": "resnet"}},
-            (r"model\.name 'resnet' is unknown; allowed: tutorial_cnn, bn_cnn, resnet9, quick_cnn"),
+            (r"model\.name 'resnet' is unknown; allowed: tutorial_cnn, bn_cnn, resnet9, quick_cnn, quick_resnet9"),
         ),
         ({"train": {"translate": 9}}, r"train\.translate must be 0 \(off\) to 8 pixels, got 9"),
         ({"train": {"cutout": -1}}, r"train\.cutout must be 0 \(off\) to 28 pixels, got -1"),
