@@ -154,14 +154,15 @@ def test_recipe_check_runs_a_recipe_per_seed_with_overrides_laid_on_top(tmp_path
     out = tmp_path / "results" / "check.json"  # its folder is made
     cmd = [sys.executable, "-m", "bench.recipe_check", "--params", str(params), "--data", str(raw)]
     proc = subprocess.run(
-        [*cmd, "--recipe", "fast", "--set", "train.epochs=2", "--seeds", "0", "1", "--out", str(out)],
+        [*cmd, "--recipe", "fast", "--set", "train.epochs=2", "--set", "data.val_size=100", "--seeds", "0", "1",
+         "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     train = report["params"]["train"]
-    assert train["label_smoothing"] == 0.2 and train["mixed_precision"] == "bf16"  # from recipes/fast.yaml
-    assert train["epochs"] == 2  # --set wins over the recipe
+    assert train["label_smoothing"] == 0.1 and train["mixed_precision"] == "bf16"  # from recipes/fast.yaml
+    assert train["epochs"] == 2 and report["params"]["data"]["val_size"] == 100  # --set wins over the recipe
     assert [r["seed"] for r in report["runs"]] == [0, 1]
     assert all(0 <= r["test_accuracy"] <= 1 for r in report["runs"])
     bad = subprocess.run([*cmd, "--set", "trian.epochs=1"], cwd=REPO, capture_output=True, text=True, timeout=60)

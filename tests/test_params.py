@@ -56,11 +56,11 @@ def test_a_recipe_passed_as_params_is_refused_with_the_exp_run_line_to_use():
     with pytest.raises(ParamsError) as info:
         load_params(REPO / "recipes" / "fast.yaml")
     message = str(info.value)
-    assert "recipes/fast.yaml lacks data.subset, data.val_size, data.split_seed, download.sources and" in message
+    assert "recipes/fast.yaml lacks data.subset, data.split_seed, download.sources, download.timeout and" in message
     assert message.endswith(
-        "lay them over params.yaml: dvc exp run -n fast -S model.name=quick_cnn -S train.epochs=2 -S train.lr=0.01 "
-        "-S train.label_smoothing=0.2 -S train.mixed_precision=bf16 -S train.schedule=triangular "
-        "-S train.bn_bias_lr_scale=8.0 -S train.whiten_init=true -S evaluate.tta=flip"
+        "lay them over params.yaml: dvc exp run -n fast -S data.val_size=1000 -S model.name=quick_cnn "
+        "-S train.epochs=1 -S train.lr=0.01 -S train.label_smoothing=0.1 -S train.mixed_precision=bf16 "
+        "-S train.schedule=triangular -S train.bn_bias_lr_scale=8.0 -S train.whiten_init=true -S evaluate.tta=flip"
     )
     assert "\n" not in message
 
