@@ -53,8 +53,10 @@ OPTIONS: dict[str, dict[str, dict]] = {
     "cudnn-benchmark": {"train": {"cudnn_benchmark": True}},  # GPU only
     "quick-bf16": {"model": {"name": "quick_cnn"}, "train": {"mixed_precision": "bf16"}},
     "resnet9-bf16-b256": {"model": {"name": "resnet9"}, "train": {"mixed_precision": "bf16", "batch_size": 256}},
-    "quick-resnet9-bf16-b256": {"model": {"name": "quick_resnet9"},
-                                "train": {"mixed_precision": "bf16", "batch_size": 256}},
+    "quick-resnet9-bf16-b256": {
+        "model": {"name": "quick_resnet9"},
+        "train": {"mixed_precision": "bf16", "batch_size": 256},
+    },
 }
 GPU_ONLY = {"cudnn-benchmark"}
 # the throughput row that trains at each recipe's speed (same model, batch, precision and kernels), for the
