@@ -4,6 +4,8 @@
   (the terminal's and a launcher's copy of the same interrupt arrive both), and stops the
   run when the processes it was started by (``dvc``, the shell ``dvc`` ran, ``accelerate launch``,
   torchrun) are gone, so that no trainer trains on as an orphan.
+:func:`held_stops` lets such a stop wait for the end of a block (a checkpoint being written), so that
+  what was trained is kept rather than thrown away half-written.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -30,6 +33,31 @@ LAUNCHER_VARS = (
     "OMPI_COMM_WORLD_SIZE",
     "PMI_SIZE",
 )
+
+
+class _Held:
+    """The stop that came while :func:`held_stops` was open (signals are per process; blocks do not nest)."""
+
+    open = False
+    pending: BaseException | None = None
+
+
+@contextmanager
+def held_stops() -> Iterator[None]:
+    """Hold a SIGTERM, a Ctrl-C or a gone launcher that arrives inside the block until the block ends."""
+    _Held.open = True
+    try:
+        yield
+    finally:
+        _Held.open, pending, _Held.pending = False, _Held.pending, None
+    if pending is not None:  # the block ended well; had it failed, its own error says more than the stop
+        raise pending
+
+
+def _stop(exc: BaseException) -> None:
+    if not _Held.open:
+        raise exc
+    _Held.pending = _Held.pending or exc
 
 
 def _is_gone(proc: psutil.Process) -> bool:
@@ -110,11 +138,11 @@ class Stopper:
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         self._interrupted = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
+        _stop(KeyboardInterrupt())
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         reason = self.reason or "stopped by SIGTERM"
-        raise Stopped(f"{reason}; run it again to resume from the newest checkpoint")
+        _stop(Stopped(f"{reason}; run it again to resume from the newest checkpoint"))
 
     def _watch(self) -> None:
         while not self._done.wait(self.poll_s):

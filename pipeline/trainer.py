@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import EpochSums, TrainState, capture, save_checkpoint
 from pipeline.dataset import CLASSES, Split
 from pipeline.errors import TERMINAL_VAR, DataError
+from pipeline.guard import held_stops
 from pipeline.inference import predict
 from pipeline.metrics import classification_report, confusion_matrix
 from pipeline.params import TrainParams
@@ -200,5 +201,7 @@ class Trainer:
         self.state.sums = self.fold_sums() if fold else EpochSums()
         if self.accelerator.is_main_process:
             assert self.best is not None or self.state.best_epoch < 0
-            save_checkpoint(self.run_dir, capture(self.learner, self.state, self.best), self.cfg.keep_checkpoints)
+            with held_stops():  # a stop while it is written waits for it: what was trained is kept
+                ckpt = capture(self.learner, self.state, self.best)
+                save_checkpoint(self.run_dir, ckpt, self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()

@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.errors import ERROR_DIR_VAR
-from pipeline.guard import starters
+from pipeline.errors import ERROR_DIR_VAR, Stopped
+from pipeline.guard import Stopper, held_stops, starters
 from pipeline.train import Paths, command
 from tests.conftest import FILE_MODES_BIND, REPO, child_env, train_command
 
@@ -78,8 +78,6 @@ def test_only_a_launcher_or_dvc_is_watched():
 
 
 def test_one_ctrl_c_interrupts_once_and_its_copies_cannot_break_into_the_unwinding():
-    from pipeline.guard import Stopper
-
     before = signal.getsignal(signal.SIGINT)
     unwound = False
     try:
@@ -94,6 +92,33 @@ def test_one_ctrl_c_interrupts_once_and_its_copies_cannot_break_into_the_unwindi
         assert unwound and signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # until the process ends
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("signum, stop", [(signal.SIGTERM, Stopped), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_stop_while_a_checkpoint_is_written_waits_for_it_to_be_finished(signum, stop):
+    before = signal.getsignal(signal.SIGINT)
+    finished = False
+    try:
+        with pytest.raises(stop), Stopper([]):
+            with held_stops():
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)  # the handler has run by now; the stop waits
+                finished = True
+            pytest.fail("the held stop was not raised as the block ended")
+        assert finished
+        with Stopper([]), held_stops():  # nothing is left over for the next block
+            pass
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_write_that_fails_while_a_stop_is_held_says_its_own_error():
+    with pytest.raises(OSError, match="disk full"), Stopper([]), held_stops():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        raise OSError("disk full")
+    with Stopper([]), held_stops():  # the dropped stop is not raised by the next block
+        pass
 
 
 def _read_only(checkpoints: Path) -> str:  # a folder used before (its lock file is there), read-only now
@@ -140,6 +165,9 @@ def test_a_run_whose_launcher_is_killed_stops_says_why_and_leaves_no_launcher_fo
     assert launcher.stdout is not None
     while not launcher.stdout.readline().startswith("epoch "):  # training is under way
         assert launcher.poll() is None, launcher.communicate()
+    while not list((tmp_path / "run" / "checkpoints").glob("*/step-*")):  # and its first epoch is saved
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.05)
     (trainer,) = psutil.Process(launcher.pid).children()
     folder = Path(trainer.environ()[ERROR_DIR_VAR])  # the launcher's, which it would remove as it ends
     assert folder.is_dir()
