@@ -128,15 +128,28 @@ def first_difference(old: RunKey, new: RunKey) -> str | None:
     return None
 
 
-def cpu_model() -> str:
-    """The CPU's model name (CPU results are bitwise reproducible only on the same model)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (CPU results are bitwise reproducible only on the same model), with its family and
+    model numbers, which tell apart CPUs that a virtual machine names alike ("AMD EPYC").
+
+    ``cpuinfo``: the text of /proc/cpuinfo (default: this machine's); its first processor is the one named.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def environment(device: torch.device, mixed_precision: str) -> dict[str, Any]:
