@@ -28,7 +28,7 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
     "lookahead": {"lookahead": 0.8, "lookahead_every": 5},
     "dirac-init": {"dirac_init": True},
     "whiten-init": {"whiten_init": True},
-    "muon": {"optimizer": "muon", "lr": 0.05, "momentum": 0.85, "weight_decay": 5e-4},
+    "muon": {"optimizer": "muon", "lr": 0.1, "momentum": 0.85, "weight_decay": 5e-4},
 }
 
 
