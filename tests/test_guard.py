@@ -121,6 +121,31 @@ def test_a_write_that_fails_while_a_stop_is_held_says_its_own_error():
         pass
 
 
+def test_a_sigterm_while_the_trainer_writes_its_first_checkpoint_keeps_it(
+    tmp_path, tiny_raw, write_params, monkeypatch
+):
+    import pipeline.trainer
+    from pipeline.checkpoint import list_checkpoints, read_checkpoint
+    from pipeline.train import main
+
+    real = pipeline.trainer.save_checkpoint
+
+    def stopped_while_saving(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, before the checkpoint is written
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.trainer, "save_checkpoint", stopped_while_saving)
+    run = Paths.under(tmp_path / "run", tiny_raw)
+    argv = command(write_params({"train": {"epochs": 3}}), run, [])
+    with pytest.raises(SystemExit) as stop:
+        main(argv[argv.index("--params") :])
+    assert stop.value.code == Stopped.exit_code
+    ((folder,),) = [list(run.checkpoint_dir.glob("*/run.json"))]
+    (kept,) = list_checkpoints(folder.parent)  # the first epoch's, whole: the stop waited for it
+    assert read_checkpoint(kept).state.epoch == 1
+    assert not run.model_dir.exists()  # and the run stopped there
+
+
 def _read_only(checkpoints: Path) -> str:  # a folder used before (its lock file is there), read-only now
     checkpoints.mkdir()
     (checkpoints / ".lock").touch()
