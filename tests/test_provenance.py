@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 from pipeline.provenance import cpu_model
 
 ZEN4 = """processor\t: 0
@@ -30,3 +32,5 @@ def test_a_cpu_without_family_numbers_is_named_alone():
 
 def test_no_cpuinfo_falls_back_to_the_platform():
     assert cpu_model("")  # platform.processor() or the machine's architecture, never empty
+    assert cpu_model("") == (platform.processor() or platform.machine())
+    assert cpu_model("processor\t: 0\ncpu family\t: 25\n") == cpu_model("")  # numbers without a name
